@@ -1,0 +1,18 @@
+"""Layer specs and the GPTModel builder."""
+
+from megatron_pathmoe.model.builder import (
+    ParameterCounts,
+    build_gpt_model,
+    count_parameters,
+    padded_vocab_size,
+)
+from megatron_pathmoe.model.spec import decoder_block_spec, moe_layer_spec
+
+__all__ = [
+    "ParameterCounts",
+    "build_gpt_model",
+    "count_parameters",
+    "decoder_block_spec",
+    "moe_layer_spec",
+    "padded_vocab_size",
+]

@@ -1,0 +1,64 @@
+"""Build megatron-core's GPTModel for a PathMoE config."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from megatron.core import parallel_state
+from megatron.core.models.gpt import GPTModel
+
+from megatron_pathmoe.config import PathMoEConfig
+from megatron_pathmoe.model.spec import decoder_block_spec
+
+
+def padded_vocab_size(vocab_size: int, tensor_parallel_size: int, divisible_by: int = 128) -> int:
+    """Megatron pads the embedding so every TP shard has the same, aligned number of rows."""
+    multiple = divisible_by * tensor_parallel_size
+    return -(-vocab_size // multiple) * multiple
+
+
+def build_gpt_model(config: PathMoEConfig, *, use_transformer_engine: bool = False,
+                    vp_stage: int | None = None) -> GPTModel:
+    """A GPTModel (RMSNorm, SwiGLU experts, RoPE, GQA; Appendix B of the paper) holding this
+    rank's pipeline stage. Needs initialised model-parallel state."""
+    transformer_config = config.to_transformer_config()
+    pre_process = parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage)
+    post_process = parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage)
+    return GPTModel(
+        config=transformer_config,
+        transformer_layer_spec=decoder_block_spec(config, transformer_config,
+                                                  use_transformer_engine, vp_stage),
+        vocab_size=padded_vocab_size(config.vocab_size, config.tensor_model_parallel_size),
+        max_sequence_length=config.seq_length,
+        pre_process=pre_process,
+        post_process=post_process,
+        share_embeddings_and_output_weights=not config.untie_embeddings_and_output_weights,
+        position_embedding_type="rope",
+        rotary_base=config.rotary_base,
+        parallel_output=True,
+        vp_stage=vp_stage,
+    )
+
+
+@dataclass
+class ParameterCounts:
+    total: int
+    active: int
+    router: int
+    expert: int
+
+
+def count_parameters(model: torch.nn.Module, config: PathMoEConfig) -> ParameterCounts:
+    """Counts of this rank's parameters (each shared tensor once): total, active per token
+    (non-expert + top-k of E experts), router."""
+    total = router = expert = 0
+    for name, p in model.named_parameters():
+        n = p.numel()
+        total += n
+        if ".router." in name:
+            router += n
+        elif ".experts." in name:
+            expert += n
+    active = total - expert + expert * config.moe_router_topk // config.num_experts
+    return ParameterCounts(total=total, active=active, router=router, expert=expert)

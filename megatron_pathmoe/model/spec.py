@@ -1,0 +1,62 @@
+"""Layer spec assembly: megatron-core's GPT layer with our router builder and norm."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from megatron.core.transformer.identity_op import IdentityOp
+from megatron.core.transformer.spec_utils import ModuleSpec
+from megatron.core.transformer.transformer_block import (
+    TransformerBlockSubmodules,
+    get_num_layers_to_build,
+)
+
+from megatron_pathmoe.config import PathMoEConfig
+from megatron_pathmoe.model.norm import RMSNorm
+from megatron_pathmoe.routing import build_router_builder
+
+
+def transformer_engine_available() -> bool:
+    try:
+        import transformer_engine  # noqa: F401
+    except Exception:  # TE raises RuntimeError, not ImportError, on machines without CUDA
+        return False
+    return True
+
+
+def moe_layer_spec(config: PathMoEConfig, use_transformer_engine: bool = False) -> ModuleSpec:
+    """One decoder layer: attention (RoPE, GQA), RMSNorm, MoE with SwiGLU experts, and the
+    router selected by ``config.routing`` plugged in at ``MoESubmodules.router``."""
+    if use_transformer_engine:
+        from megatron.core.models.gpt.gpt_layer_specs import (
+            get_gpt_layer_with_transformer_engine_spec,
+        )
+
+        spec = get_gpt_layer_with_transformer_engine_spec(
+            num_experts=config.num_experts, moe_grouped_gemm=True)
+    else:
+        from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+
+        spec = get_gpt_layer_local_spec(num_experts=config.num_experts, moe_grouped_gemm=False,
+                                        normalization="RMSNorm")
+        spec.submodules.input_layernorm = RMSNorm
+        spec.submodules.pre_mlp_layernorm = RMSNorm
+        spec.submodules.self_attention.submodules.q_layernorm = IdentityOp
+        spec.submodules.self_attention.submodules.k_layernorm = IdentityOp
+    spec.submodules.mlp.submodules.router = build_router_builder(config)
+    return spec
+
+
+def decoder_block_spec(config: PathMoEConfig, transformer_config: Any,
+                       use_transformer_engine: bool = False,
+                       vp_stage: int | None = None) -> TransformerBlockSubmodules:
+    """The layers this pipeline stage builds, sharing one router builder (so ties within a
+    stage resolve), plus the final norm."""
+    layer = moe_layer_spec(config, use_transformer_engine)
+    num_local = get_num_layers_to_build(transformer_config, vp_stage=vp_stage)
+    final_norm: Any = RMSNorm
+    if use_transformer_engine:
+        from megatron.core.extensions.transformer_engine import TENorm
+
+        final_norm = TENorm
+    return TransformerBlockSubmodules(layer_specs=[layer] * num_local, layer_norm=final_norm)

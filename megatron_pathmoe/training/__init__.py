@@ -1,0 +1,1 @@
+"""Arguments, the megatron-core training loop, and its logging."""

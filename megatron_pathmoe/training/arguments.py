@@ -1,0 +1,200 @@
+"""Megatron-LM-style command line for pretraining, parsed into config objects.
+
+Everything that can be checked without a process group (flags, data files, tokenizer) is
+checked here, so a mistake costs one line on stderr instead of a crash on every rank.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from dataclasses import dataclass, field, fields
+
+from megatron_pathmoe.config import (
+    DISPATCHER_CHOICES,
+    ROUTING_CHOICES,
+    ConfigError,
+    PathMoEConfig,
+)
+
+
+@dataclass
+class TrainingConfig:
+    micro_batch_size: int = 4
+    global_batch_size: int = 16
+    train_iters: int = 100
+    lr: float = 3e-3
+    min_lr: float = 3e-4
+    lr_warmup_iters: int = 10
+    lr_decay_style: str = "cosine"
+    weight_decay: float = 0.1
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.95
+    clip_grad: float = 1.0
+    seed: int = 1234
+    log_interval: int = 10
+    eval_interval: int = 0  # 0: evaluate only at the end
+    eval_iters: int = 10
+    use_distributed_optimizer: bool = False
+    data_path: list[str] = field(default_factory=list)
+    valid_data_path: list[str] = field(default_factory=list)
+    split: str = "98,2,0"
+    tokenizer_model: str = ""
+    data_cache_path: str | None = None
+    device: str = "auto"
+    transformer_impl: str = "local"
+    summary_json: str | None = None
+    distributed_timeout_minutes: int = 10
+
+    def data_parallel_size(self, model: PathMoEConfig, world_size: int) -> int:
+        return world_size // (model.tensor_model_parallel_size * model.pipeline_model_parallel_size)
+
+    def num_microbatches(self, model: PathMoEConfig, world_size: int) -> int:
+        dp = self.data_parallel_size(model, world_size)
+        return self.global_batch_size // (self.micro_batch_size * dp)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="pathmoe-pretrain",
+        description="Pretrain a PathMoE (or independent-routing) GPT with megatron-core. "
+                    "Launch with torchrun (also --nproc_per_node 1); runs on CPU over gloo "
+                    "when no GPU is present.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    m = PathMoEConfig()
+    g = parser.add_argument_group("model")
+    g.add_argument("--num-layers", type=int, default=m.num_layers)
+    g.add_argument("--hidden-size", type=int, default=m.hidden_size)
+    g.add_argument("--num-attention-heads", type=int, default=m.num_attention_heads)
+    g.add_argument("--num-query-groups", type=int, default=None,
+                   help="KV heads for grouped-query attention (default: = attention heads)")
+    g.add_argument("--moe-ffn-hidden-size", type=int, default=m.moe_ffn_hidden_size)
+    g.add_argument("--seq-length", type=int, default=m.seq_length)
+    g.add_argument("--rotary-base", type=int, default=m.rotary_base)
+    g.add_argument("--norm-epsilon", type=float, default=m.norm_epsilon)
+    g.add_argument("--init-method-std", type=float, default=m.init_method_std)
+    g.add_argument("--untie-embeddings-and-output-weights", default=True,
+                   action=argparse.BooleanOptionalAction)
+    g.add_argument("--attention-dropout", type=float, default=m.attention_dropout)
+    g.add_argument("--hidden-dropout", type=float, default=m.hidden_dropout)
+    g.add_argument("--bf16", action="store_true")
+
+    g = parser.add_argument_group("mixture of experts and routing")
+    g.add_argument("--num-experts", type=int, default=m.num_experts)
+    g.add_argument("--moe-router-topk", type=int, default=m.moe_router_topk)
+    g.add_argument("--moe-aux-loss-coeff", type=float, default=m.moe_aux_loss_coeff,
+                   help="switch load-balancing loss weight (0 disables it; PathMoE trains "
+                        "without it)")
+    g.add_argument("--moe-z-loss-coeff", type=float, default=None)
+    g.add_argument("--moe-router-pre-softmax", default=m.moe_router_pre_softmax,
+                   action=argparse.BooleanOptionalAction,
+                   help="softmax over all experts before top-k (paper eq. 3.1-3.2)")
+    g.add_argument("--moe-token-dispatcher-type", choices=DISPATCHER_CHOICES,
+                   default=m.moe_token_dispatcher_type)
+    g.add_argument("--routing", choices=ROUTING_CHOICES, default=m.routing,
+                   help="independent: a router per layer; path: one router per block")
+    g.add_argument("--path-block-size", type=int, default=m.path_block_size,
+                   help="B consecutive MoE layers share a router (B=num-layers: PathMoE)")
+
+    g = parser.add_argument_group("parallelism")
+    g.add_argument("--tensor-model-parallel-size", type=int, default=1)
+    g.add_argument("--pipeline-model-parallel-size", type=int, default=1)
+    g.add_argument("--expert-model-parallel-size", type=int, default=1)
+    g.add_argument("--sequence-parallel", action="store_true")
+    g.add_argument("--use-distributed-optimizer", action="store_true")
+
+    t = TrainingConfig()
+    g = parser.add_argument_group("training")
+    g.add_argument("--micro-batch-size", type=int, default=t.micro_batch_size)
+    g.add_argument("--global-batch-size", type=int, default=t.global_batch_size)
+    g.add_argument("--train-iters", type=int, default=t.train_iters)
+    g.add_argument("--lr", type=float, default=t.lr)
+    g.add_argument("--min-lr", type=float, default=t.min_lr)
+    g.add_argument("--lr-warmup-iters", type=int, default=t.lr_warmup_iters)
+    g.add_argument("--lr-decay-style", choices=("cosine", "linear", "constant"),
+                   default=t.lr_decay_style)
+    g.add_argument("--weight-decay", type=float, default=t.weight_decay)
+    g.add_argument("--adam-beta1", type=float, default=t.adam_beta1)
+    g.add_argument("--adam-beta2", type=float, default=t.adam_beta2)
+    g.add_argument("--clip-grad", type=float, default=t.clip_grad)
+    g.add_argument("--seed", type=int, default=t.seed)
+    g.add_argument("--log-interval", type=int, default=t.log_interval)
+    g.add_argument("--eval-interval", type=int, default=t.eval_interval,
+                   help="iterations between validations (0: only at the end)")
+    g.add_argument("--eval-iters", type=int, default=t.eval_iters,
+                   help="global batches per validation")
+
+    g = parser.add_argument_group("data")
+    g.add_argument("--data-path", nargs="+", default=[], required=True,
+                   help="train prefixes (path without .bin/.idx), optionally 'weight prefix' "
+                        "pairs")
+    g.add_argument("--valid-data-path", nargs="+", default=[],
+                   help="validation prefixes (default: --split of --data-path)")
+    g.add_argument("--split", default=t.split)
+    g.add_argument("--tokenizer-type", default="HuggingFaceTokenizer",
+                   choices=("HuggingFaceTokenizer",))
+    g.add_argument("--tokenizer-model", required=True, help="a Hugging Face tokenizer.json")
+    g.add_argument("--data-cache-path", default=None)
+
+    g = parser.add_argument_group("runtime")
+    g.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                   help="cpu runs megatron-core over gloo (auto: cpu when CUDA is absent)")
+    g.add_argument("--transformer-impl", choices=("local", "transformer_engine"),
+                   default="local")
+    g.add_argument("--summary-json", default=None, help="write the run summary here")
+    g.add_argument("--distributed-timeout-minutes", type=int,
+                   default=t.distributed_timeout_minutes)
+    return parser
+
+
+def _pick(cls, ns: argparse.Namespace):
+    return cls(**{f.name: getattr(ns, f.name) for f in fields(cls) if hasattr(ns, f.name)})
+
+
+def parse_args(argv: list[str] | None = None) -> tuple[PathMoEConfig, TrainingConfig]:
+    """Parse and validate; exits with a one-line error naming the flag on bad input."""
+    parser = build_parser()
+    ns = parser.parse_args(argv)
+    model, train = _pick(PathMoEConfig, ns), _pick(TrainingConfig, ns)
+    try:
+        validate(model, train, int(os.environ.get("WORLD_SIZE", "1")))
+    except (ConfigError, FileNotFoundError, ValueError) as err:
+        parser.error(str(err))
+    return model, train
+
+
+def validate(model: PathMoEConfig, train: TrainingConfig, world_size: int) -> None:
+    """Checks that need no process group. Sets ``model.vocab_size`` from the tokenizer."""
+    from megatron_pathmoe.data import load_tokenizer, validate_data_prefix
+
+    model.validate(world_size)
+    dp = train.data_parallel_size(model, world_size)
+    if train.global_batch_size % (train.micro_batch_size * dp):
+        raise ConfigError(
+            f"--global-batch-size {train.global_batch_size} is not divisible by "
+            f"--micro-batch-size {train.micro_batch_size} x data-parallel size {dp}")
+    for flag, value in (("--train-iters", train.train_iters), ("--log-interval", train.log_interval),
+                        ("--eval-iters", train.eval_iters)):
+        if value < 1:
+            raise ConfigError(f"{flag} must be at least 1")
+    if not 0 <= train.lr_warmup_iters < train.train_iters:
+        raise ConfigError(f"--lr-warmup-iters {train.lr_warmup_iters} must be >= 0 and below "
+                          f"--train-iters {train.train_iters}")
+    for prefix in _prefixes(train.data_path):
+        validate_data_prefix(prefix, "--data-path")
+    for prefix in _prefixes(train.valid_data_path):
+        validate_data_prefix(prefix, "--valid-data-path")
+    model.vocab_size = load_tokenizer(train.tokenizer_model).vocab_size
+
+
+def _prefixes(paths: list[str]) -> list[str]:
+    """Drop the weights of a Megatron 'weight prefix weight prefix' list."""
+    def is_number(s: str) -> bool:
+        try:
+            float(s)
+        except ValueError:
+            return False
+        return True
+
+    return [p for p in paths if not is_number(p)]

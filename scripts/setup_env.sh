@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# Create .venv (if missing) and install the project with its test extras.
+# CPU machines: installs the CPU wheel torch==2.13.0 first, so pip never resolves the
+# package's torch range to a multi-GB CUDA build. Idempotent: a second run takes seconds.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PYTHON=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+  "$PYTHON" -m venv .venv
+fi
+. .venv/bin/activate
+python -m pip install -q --upgrade pip >/dev/null 2>&1 || true
+if ! python -c "import torch" >/dev/null 2>&1; then
+  python -m pip install -q torch==2.13.0
+fi
+python -m pip install -q -e ".[test]"
+python -c "import torch, megatron.core; print(f'torch {torch.__version__}, megatron-core {megatron.core.__version__}')"
