@@ -179,8 +179,9 @@ def _stats(docs: list[dict], tokenizer_path: Path) -> dict:
     return {"docs": len(docs), "chars": sum(len(d["text"]) for d in docs), "tokens": tokens}
 
 
-def write_readme(out_dir: Path, stats: dict[str, dict], vocab_size: int) -> None:
-    held = ", ".join(HELD_OUT_PLAYS)
+def write_readme(out_dir: Path, stats: dict[str, dict], vocab_size: int, held_names: list[str]) -> None:
+    held = ", ".join(held_names)
+    held_files = ", ".join(f"`{stem}.md`" for stem in HELD_OUT_PLAYS)
     rows = "\n".join(
         f"| {name} | {s['docs']:,} | {s['chars']:,} | {s['tokens']:,} |" for name, s in stats.items()
     )
@@ -195,8 +196,8 @@ offline with no download.
   kept as `Name:` lines; paragraphs that are wholly stage directions dropped (inline asides
   such as `[Aside]` kept). One document per scene, or per act/prologue where the play marks no
   scenes. Document title = `Play / ACT / SCENE ...`.
-- **Split by play**: validation = {held} (one comedy, history, tragedy and romance); the other
-  34 plays are training data.
+- **Split by play**: validation = {held} ({held_files}: one comedy,
+  history, tragedy and romance); the other 34 plays are training data.
 - **Tokenizer**: `tokenizer.json`, Hugging Face `tokenizers` byte-level BPE, vocabulary
   {vocab_size:,}, special token `{EOD_TOKEN}` (id 0), trained on `train.jsonl.gz` only.
 
@@ -240,7 +241,8 @@ def main(argv: list[str] | None = None) -> int:
     tokenizer_path = out_dir / "tokenizer.json"
     train_tokenizer([d["text"] for d in train], args.vocab_size, tokenizer_path)
     stats = {"train": _stats(train, tokenizer_path), "valid": _stats(valid, tokenizer_path)}
-    write_readme(out_dir, stats, args.vocab_size)
+    held_names = list(dict.fromkeys(d["title"].split(" / ")[0] for d in valid))
+    write_readme(out_dir, stats, args.vocab_size, held_names)
     for name, s in stats.items():
         print(f"{name}: {s['docs']} docs, {s['chars']} chars, {s['tokens']} tokens", file=sys.stderr)
     sizes = {p.name: os.path.getsize(p) for p in sorted(out_dir.iterdir())}

@@ -24,7 +24,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         epilog=__doc__.split("\n\n", 1)[1],
     )
     parser.add_argument("--input", required=True, help="jsonl file, one JSON object per line (.gz ok)")
-    parser.add_argument("--json-keys", nargs="+", default=["text"], help="JSON fields to tokenize (default: text)")
+    parser.add_argument("--json-keys", nargs="+", default=["text"],
+                        help="JSON fields to tokenize (default: text)")
     parser.add_argument("--output-prefix", required=True, help="writes {prefix}_{key}_document.bin/.idx")
     parser.add_argument(
         "--tokenizer-type", default="HuggingFaceTokenizer", choices=["HuggingFaceTokenizer"],

@@ -80,7 +80,9 @@ def iter_chunks(path: str, keys: Sequence[str], chunk_docs: int = CHUNK_DOCS) ->
                     yield chunk
                     chunk = []
         except UnicodeDecodeError as err:
-            raise DataError(f"--input {path!r}: not UTF-8 text ({err.reason}); re-encode it as UTF-8") from None
+            raise DataError(
+                f"--input {path!r}: not UTF-8 text ({err.reason}); re-encode it as UTF-8"
+            ) from None
     if chunk:
         yield chunk
 
@@ -181,15 +183,17 @@ def preprocess(
     append_eod: bool = True,
     workers: int = 1,
     log_interval: int = 1000,
-    log_stream: TextIO | None = sys.stderr,
+    quiet: bool = False,
 ) -> dict:
     """Tokenize ``input_path`` into one indexed dataset per JSON key.
 
     Returns a summary dict: ``prefixes`` (key -> written prefix), ``documents`` (written, summed
     over keys), ``empty_documents`` (skipped), ``tokens``, ``bytes`` (.bin + .idx), ``dtype``,
-    ``elapsed_s``, ``docs_per_s``, ``tokens_per_s`` and ``per_key``. Raises DataError on bad input,
-    leaving no output files behind.
+    ``elapsed_s``, ``docs_per_s``, ``tokens_per_s`` and ``per_key``. Progress (every
+    ``log_interval`` documents) and the summary line go to stderr unless ``quiet``. Raises DataError
+    on bad input, leaving no output files behind.
     """
+    log_stream = None if quiet else sys.stderr
     keys = list(json_keys)
     if not keys:
         raise DataError("--json-keys: give at least one key")
@@ -245,7 +249,8 @@ def _summary(final: dict, counts: dict, dtype: type, elapsed: float, stream: Tex
     for k, prefix in final.items():
         size = os.path.getsize(prefix + ".bin") + os.path.getsize(prefix + ".idx")
         per_key[k] = dict(counts[k], prefix=prefix, bytes=size)
-    total = {f: sum(v[f] for v in per_key.values()) for f in ("documents", "empty_documents", "tokens", "bytes")}
+    fields = ("documents", "empty_documents", "tokens", "bytes")
+    total = {f: sum(v[f] for v in per_key.values()) for f in fields}
     elapsed = max(elapsed, 1e-9)
     summary = dict(
         total,

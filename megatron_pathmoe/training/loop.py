@@ -204,7 +204,18 @@ class RunSummary:
     final_expert_load_max: list[float] = field(default_factory=list)
     final_expert_load_min: list[float] = field(default_factory=list)
     train_losses: list[float] = field(default_factory=list)
+    grad_norms: list[float] = field(default_factory=list)
     aux_losses: dict[str, float] = field(default_factory=dict)
+
+
+def _check_platform(device: str) -> None:
+    """A CUDA call that megatron swallowed would make the CPU run differ from a GPU run."""
+    from megatron_pathmoe.platform import unhandled_cuda_calls
+
+    calls = unhandled_cuda_calls() if device == "cpu" else []
+    if calls:
+        raise RuntimeError("megatron-core reached CUDA calls the CPU platform does not map:\n  "
+                           + "\n  ".join(calls))
 
 
 def build_data_iterators(model_cfg: PathMoEConfig, train: TrainingConfig):
@@ -250,6 +261,7 @@ def pretrain(model_cfg: PathMoEConfig, train: TrainingConfig, device: str) -> Ru
     tokens_per_iter = train.global_batch_size * model_cfg.seq_length
 
     losses: list[float] = []
+    grad_norms: list[float] = []
     aux_sums: dict[str, float] = {}
     step_times: list[float] = []
     window_start, window_iters, load = time.perf_counter(), 0, None
@@ -258,6 +270,7 @@ def pretrain(model_cfg: PathMoEConfig, train: TrainingConfig, device: str) -> Ru
         result = train_step(chunks, optimizer, scheduler, train_iter, model_cfg, train, nmb)
         step_times.append(time.perf_counter() - t0)
         losses.append(result.loss)
+        grad_norms.append(result.grad_norm)
         for name, value in pop_aux_losses(model_cfg.num_layers, nmb).items():
             aux_sums[name] = aux_sums.get(name, 0.0) + value
         window_iters += 1
@@ -291,11 +304,13 @@ def pretrain(model_cfg: PathMoEConfig, train: TrainingConfig, device: str) -> Ru
         parameters={"total": params.total, "active": params.active, "router": params.router},
         final_expert_load_max=[round(float(r.max()), 4) for r in load],
         final_expert_load_min=[round(float(r.min()), 4) for r in load],
-        train_losses=[round(x, 5) for x in losses],
+        train_losses=losses,
+        grad_norms=grad_norms,
         aux_losses=aux_means)
     log(f"validation: loss {val:.4f} | perplexity {summary.valid_perplexity:.2f} | "
         f"steady-state {summary.tokens_per_second:,.0f} tokens/s "
         f"({1000 * mean_step:.0f} ms/iter)")
+    _check_platform(device)
     if train.summary_json and dist.get_rank() == 0:
         with open(train.summary_json, "w") as f:
             json.dump(summary.__dict__, f, indent=2)

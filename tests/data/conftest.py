@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import gzip
 import json
-from pathlib import Path
 
 import pytest
 
@@ -35,16 +34,11 @@ def small_docs(demo_paths) -> list[dict]:
     return docs
 
 
-def write_jsonl(path: Path, records: list) -> str:
-    with open(path, "w", encoding="utf-8") as f:
-        for r in records:
-            f.write((r if isinstance(r, str) else json.dumps(r)) + "\n")
-    return str(path)
-
-
 @pytest.fixture
 def small_jsonl(tmp_path, small_docs) -> str:
-    return write_jsonl(tmp_path / "small.jsonl", small_docs)
+    with open(tmp_path / "small.jsonl", "w", encoding="utf-8") as f:
+        f.writelines(json.dumps(d) + "\n" for d in small_docs)
+    return str(tmp_path / "small.jsonl")
 
 
 @pytest.fixture(scope="session")

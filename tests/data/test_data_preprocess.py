@@ -12,7 +12,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import write_jsonl
 from megatron.core.datasets.indexed_dataset import IndexedDataset
 
 from megatron_pathmoe.data import DataError, preprocess
@@ -21,8 +20,15 @@ REPO = Path(__file__).resolve().parents[2]
 CLI = str(REPO / "tools" / "preprocess_data.py")
 
 
+def write_jsonl(path: Path, records: list) -> str:
+    with open(path, "w", encoding="utf-8") as f:
+        for r in records:
+            f.write((r if isinstance(r, str) else json.dumps(r)) + "\n")
+    return str(path)
+
+
 def _run(src, out_dir, tokenizer_path, **kw) -> dict:
-    return preprocess(src, str(Path(out_dir) / "corpus"), tokenizer_path, log_stream=None, **kw)
+    return preprocess(src, str(Path(out_dir) / "corpus"), tokenizer_path, quiet=True, **kw)
 
 
 def test_output_matches_direct_tokenization(small_jsonl, small_docs, tokenizer, tmp_path):
@@ -43,7 +49,8 @@ def test_output_matches_direct_tokenization(small_jsonl, small_docs, tokenizer, 
         assert ds[i].tolist() == expected
     assert summary["tokens"] == int(ds.sequence_lengths.sum())
     assert summary["bytes"] == os.path.getsize(prefix + ".bin") + os.path.getsize(prefix + ".idx")
-    assert sorted(os.listdir(tmp_path)) == ["corpus_text_document.bin", "corpus_text_document.idx", "small.jsonl"]
+    expected_files = ["corpus_text_document.bin", "corpus_text_document.idx", "small.jsonl"]
+    assert sorted(os.listdir(tmp_path)) == expected_files  # no temporary files left
 
 
 def test_idx_header_follows_documented_format(small_jsonl, tokenizer, tmp_path):
