@@ -34,7 +34,6 @@ setup(
     entry_points={
         "console_scripts": [
             "pathmoe-pretrain=megatron_pathmoe.training.pretrain:main",
-            "pathmoe-preprocess-data=megatron_pathmoe.data.preprocess:main",
         ],
     },
 )

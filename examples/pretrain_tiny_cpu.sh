@@ -19,9 +19,9 @@ OMP_NUM_THREADS=${OMP_NUM_THREADS:-2} torchrun --standalone --nproc_per_node "$N
   --moe-ffn-hidden-size 256 --seq-length 256 \
   --num-experts 8 --moe-router-topk 2 --moe-aux-loss-coeff 0 \
   --routing path --path-block-size 4 \
-  --micro-batch-size 8 --global-batch-size 16 --train-iters 300 \
-  --lr 2e-3 --min-lr 2e-4 --lr-warmup-iters 30 \
-  --log-interval 25 --eval-interval 100 --eval-iters 8 \
+  --micro-batch-size 8 --global-batch-size 16 --train-iters 150 \
+  --lr 2e-3 --min-lr 2e-4 --lr-warmup-iters 15 \
+  --log-interval 25 --eval-interval 75 --eval-iters 8 \
   --summary-json "$OUT/summary.json" "$@"
 python - "$OUT/summary.json" <<'PY'
 import json, sys

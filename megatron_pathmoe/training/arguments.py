@@ -54,8 +54,16 @@ class TrainingConfig:
         return self.global_batch_size // (self.micro_batch_size * dp)
 
 
+class _OneLineErrorParser(argparse.ArgumentParser):
+    """argparse prints the whole usage (dozens of lines here) before an error; users need the
+    error, which names the flag and the fix."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _OneLineErrorParser(
         prog="pathmoe-pretrain",
         description="Pretrain a PathMoE (or independent-routing) GPT with megatron-core. "
                     "Launch with torchrun (also --nproc_per_node 1); runs on CPU over gloo "
@@ -166,7 +174,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[PathMoEConfig, TrainingCo
 
 def validate(model: PathMoEConfig, train: TrainingConfig, world_size: int) -> None:
     """Checks that need no process group. Sets ``model.vocab_size`` from the tokenizer."""
-    from megatron_pathmoe.data import load_tokenizer, validate_data_prefix
+    from megatron_pathmoe.data import load_tokenizer, parse_blend
 
     model.validate(world_size)
     dp = train.data_parallel_size(model, world_size)
@@ -181,20 +189,8 @@ def validate(model: PathMoEConfig, train: TrainingConfig, world_size: int) -> No
     if not 0 <= train.lr_warmup_iters < train.train_iters:
         raise ConfigError(f"--lr-warmup-iters {train.lr_warmup_iters} must be >= 0 and below "
                           f"--train-iters {train.train_iters}")
-    for prefix in _prefixes(train.data_path):
-        validate_data_prefix(prefix, "--data-path")
-    for prefix in _prefixes(train.valid_data_path):
-        validate_data_prefix(prefix, "--valid-data-path")
+    parse_blend(train.data_path, "--data-path")  # checks every .bin/.idx exists
+    if train.valid_data_path:
+        parse_blend(train.valid_data_path, "--valid-data-path")
     model.vocab_size = load_tokenizer(train.tokenizer_model).vocab_size
 
-
-def _prefixes(paths: list[str]) -> list[str]:
-    """Drop the weights of a Megatron 'weight prefix weight prefix' list."""
-    def is_number(s: str) -> bool:
-        try:
-            float(s)
-        except ValueError:
-            return False
-        return True
-
-    return [p for p in paths if not is_number(p)]
