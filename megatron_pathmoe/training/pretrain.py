@@ -3,9 +3,15 @@
 from __future__ import annotations
 
 import sys
+import warnings
+
+# megatron-core warns at import about every optional GPU package it cannot find (TE, apex);
+# the choice of implementation is explicit here (--transformer-impl), so they are noise.
+_OPTIONAL_PACKAGE_WARNINGS = r".*(Transformer Engine|Apex|apex|transformer_engine).*not installed.*"
 
 
 def main(argv: list[str] | None = None) -> int:
+    warnings.filterwarnings("ignore", message=_OPTIONAL_PACKAGE_WARNINGS)
     from megatron_pathmoe.platform import resolve_device
     from megatron_pathmoe.training.arguments import parse_args
 
