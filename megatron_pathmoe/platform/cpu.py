@@ -263,7 +263,10 @@ class CpuPlatform:
         for name in ("synchronize", "set_device", "empty_cache", "set_stream",
                      "reset_peak_memory_stats", "manual_seed_all"):
             self._set(cuda, name, _noop())
-        self._set(cuda, "current_device", lambda: 0)
+        # A CPU device, not the int 0: backward passes run outside the function mode (a mode
+        # is popped while it handles Tensor.backward), and megatron's autograd functions
+        # allocate with device=torch.cuda.current_device() there.
+        self._set(cuda, "current_device", lambda: _CPU)
         for name in ("memory_allocated", "max_memory_allocated", "memory_reserved",
                      "max_memory_reserved"):
             self._set(cuda, name, lambda *a, **k: 0)

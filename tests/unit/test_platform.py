@@ -46,7 +46,7 @@ def test_unhandled_cuda_call_raises_and_is_recorded(megatron_world1):
         torch.cuda.get_device_properties(0)
     # A caller that swallows the exception is still caught by the record.
     try:
-        torch.cuda.mem_get_info()
+        torch.cuda.get_device_name(0)
     except Exception:
         pass
     calls = unhandled_cuda_calls()
@@ -97,3 +97,22 @@ def test_disable_restores_torch_cuda_and_refuses_on_gpu_machines(monkeypatch):
             monkeypatch.undo()
             enable_cpu_platform()
     assert cpu_platform_enabled()
+
+
+def test_backward_allocations_with_current_device_work(megatron_world1):
+    """Backward runs outside the function mode; megatron's collectives allocate there with
+    device=torch.cuda.current_device() (the EP/TP all-to-all backward)."""
+
+    class AllocatesInBackward(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x):
+            return x * 2
+
+        @staticmethod
+        def backward(ctx, grad):
+            out = grad.new_empty(grad.shape, device=torch.cuda.current_device())
+            return out.copy_(grad * 2)
+
+    x = torch.ones(3, requires_grad=True)
+    AllocatesInBackward.apply(x).sum().backward()
+    assert torch.equal(x.grad, torch.full((3,), 2.0))
