@@ -45,6 +45,13 @@ class TrainingConfig:
     transformer_impl: str = "local"
     summary_json: str | None = None
     distributed_timeout_minutes: int = 10
+    permute_impl: str = "auto"
+    save: str | None = None
+    load: str | None = None
+    save_interval: int = 0  # 0: save only at the end (when --save is given)
+    keep_last: int | None = None
+    nonfinite_action: str = "stop"
+    max_skipped_steps: int = 10
 
     def data_parallel_size(self, model: PathMoEConfig, world_size: int) -> int:
         return world_size // (model.tensor_model_parallel_size * model.pipeline_model_parallel_size)
@@ -152,7 +159,33 @@ def build_parser() -> argparse.ArgumentParser:
                    default="local")
     g.add_argument("--summary-json", default=None, help="write the run summary here")
     g.add_argument("--distributed-timeout-minutes", type=int,
-                   default=t.distributed_timeout_minutes)
+                   default=t.distributed_timeout_minutes,
+                   help="a collective that waits longer (a dead or hung rank) ends the job")
+    g.add_argument("--permute-impl", choices=("auto", "custom", "megatron", "reference"),
+                   default=t.permute_impl,
+                   help="token permutation in the MoE dispatchers: custom = this project's "
+                        "C++/CUDA ops (csrc/), megatron = megatron-core's unfused permute, "
+                        "reference = the pure-PyTorch reference; auto = custom when built")
+
+    g = parser.add_argument_group("checkpointing and faults")
+    g.add_argument("--save", default=None,
+                   help="directory for checkpoints (iter_XXXXXXX/ + "
+                        "latest_checkpointed_iteration.txt); saved at --save-interval and at "
+                        "the end")
+    g.add_argument("--load", default=None,
+                   help="resume from this directory's newest complete checkpoint (or an "
+                        "iter_XXXXXXX folder); the parallel layout may differ from the saving "
+                        "run's")
+    g.add_argument("--save-interval", type=int, default=t.save_interval,
+                   help="iterations between checkpoints (0: only at the end)")
+    g.add_argument("--keep-last", type=int, default=None,
+                   help="keep only the newest N complete checkpoints")
+    g.add_argument("--nonfinite-action", choices=("stop", "skip"), default=t.nonfinite_action,
+                   help="on a NaN/Inf loss or grad norm: stop (the last checkpoint stays the "
+                        "newest) or skip the optimizer step")
+    g.add_argument("--max-skipped-steps", type=int, default=t.max_skipped_steps,
+                   help="with --nonfinite-action skip: stop after this many consecutive "
+                        "skipped steps")
     return parser
 
 
@@ -189,8 +222,31 @@ def validate(model: PathMoEConfig, train: TrainingConfig, world_size: int) -> No
     if not 0 <= train.lr_warmup_iters < train.train_iters:
         raise ConfigError(f"--lr-warmup-iters {train.lr_warmup_iters} must be >= 0 and below "
                           f"--train-iters {train.train_iters}")
+    if train.save_interval < 0 or (train.keep_last is not None and train.keep_last < 1):
+        raise ConfigError("--save-interval must be >= 0 and --keep-last >= 1")
+    if train.save_interval and not train.save:
+        raise ConfigError("--save-interval needs --save DIR")
+    if train.load:
+        _check_resumable(train.load, model, train.tokenizer_model)
     parse_blend(train.data_path, "--data-path")  # checks every .bin/.idx exists
     if train.valid_data_path:
         parse_blend(train.valid_data_path, "--valid-data-path")
     model.vocab_size = load_tokenizer(train.tokenizer_model).vocab_size
 
+
+def _check_resumable(path: str, model: PathMoEConfig, tokenizer_model: str) -> None:
+    """Fail before launch when --load names no usable checkpoint, a different model or a
+    different tokenizer."""
+    from megatron_pathmoe.training.checkpointing import (
+        check_compatible,
+        file_sha256,
+        read_run_config,
+    )
+
+    saved = read_run_config(path)
+    if os.path.isfile(tokenizer_model) and file_sha256(tokenizer_model) != saved.tokenizer_sha256:
+        raise ConfigError(f"--tokenizer-model {tokenizer_model} differs from the tokenizer the "
+                          f"--load checkpoint was trained with ({saved.tokenizer_path}); use that "
+                          "file")
+    probe = model.replace(vocab_size=saved.model.vocab_size)  # vocab comes from the tokenizer
+    check_compatible(saved.model, probe, f"--load {path}")

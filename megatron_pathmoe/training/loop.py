@@ -4,6 +4,7 @@ forward-backward schedules, megatron DDP, ``get_megatron_optimizer``,
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -12,7 +13,7 @@ import time
 from dataclasses import dataclass, field
 from datetime import timedelta
 from functools import partial
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 import torch.distributed as dist
@@ -81,7 +82,8 @@ def build_model_and_optimizer(model_cfg: PathMoEConfig, train: TrainingConfig, d
     config = gpt.config
     ddp_config = DistributedDataParallelConfig(
         grad_reduce_in_fp32=True, overlap_grad_reduce=False,
-        use_distributed_optimizer=train.use_distributed_optimizer, check_for_nan_in_grad=True)
+        use_distributed_optimizer=train.use_distributed_optimizer,
+        check_for_nan_in_grad=False)  # NonFiniteGuard checks (and can skip) instead
     chunks = [DistributedDataParallel(config=config, ddp_config=ddp_config, module=gpt)]
     optimizer = get_megatron_optimizer(
         OptimizerConfig(optimizer="adam", lr=train.lr, min_lr=train.min_lr,
@@ -150,7 +152,10 @@ class StepResult:
 
 
 def train_step(chunks, optimizer, scheduler, data_iterator, model_cfg: PathMoEConfig,
-               train: TrainingConfig, num_microbatches: int) -> StepResult:
+               train: TrainingConfig, num_microbatches: int,
+               should_step: Callable[[float], bool] | None = None) -> StepResult:
+    """One global batch. ``should_step(loss)`` (the non-finite guard) runs between backward
+    and the optimizer step and may veto the step."""
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
     for chunk in chunks:
@@ -161,10 +166,14 @@ def train_step(chunks, optimizer, scheduler, data_iterator, model_cfg: PathMoECo
         num_microbatches=num_microbatches, seq_length=model_cfg.seq_length,
         micro_batch_size=train.micro_batch_size, decoder_seq_length=model_cfg.seq_length,
         forward_only=False)
+    loss = _global_loss(reports)
+    if should_step is not None and not should_step(loss):
+        return StepResult(loss=loss, grad_norm=float("nan"), lr=optimizer.param_groups[0]["lr"],
+                          skipped=True)
     updated, grad_norm, _ = optimizer.step()
     if updated:
         scheduler.step(increment=1)
-    return StepResult(loss=_global_loss(reports), grad_norm=float(grad_norm or 0.0),
+    return StepResult(loss=loss, grad_norm=float(grad_norm or 0.0),
                       lr=optimizer.param_groups[0]["lr"], skipped=not updated)
 
 
@@ -195,17 +204,19 @@ class RunSummary:
     routing: str
     path_block_size: int | None
     iterations: int
-    final_train_loss: float
+    final_train_loss: float | None
     valid_loss: float
     valid_perplexity: float
-    tokens_per_second: float
-    mean_step_seconds: float
+    tokens_per_second: float | None
+    mean_step_seconds: float | None
     parameters: dict[str, int]
     final_expert_load_max: list[float] = field(default_factory=list)
     final_expert_load_min: list[float] = field(default_factory=list)
     train_losses: list[float] = field(default_factory=list)
     grad_norms: list[float] = field(default_factory=list)
     aux_losses: dict[str, float] = field(default_factory=dict)
+    start_iteration: int = 0
+    consumed_samples: int = 0
 
 
 def _check_platform(device: str) -> None:
@@ -218,7 +229,8 @@ def _check_platform(device: str) -> None:
                            + "\n  ".join(calls))
 
 
-def build_data_iterators(model_cfg: PathMoEConfig, train: TrainingConfig):
+def build_data_iterators(model_cfg: PathMoEConfig, train: TrainingConfig,
+                         consumed_samples: int = 0):
     from megatron.core import parallel_state
 
     from megatron_pathmoe.data import build_gpt_datasets, load_tokenizer, make_data_iterator
@@ -232,7 +244,8 @@ def build_data_iterators(model_cfg: PathMoEConfig, train: TrainingConfig):
         cache_dir=train.data_cache_path)
     dp_rank = parallel_state.get_data_parallel_rank()
     dp_size = parallel_state.get_data_parallel_world_size()
-    return (make_data_iterator(train_ds, train.micro_batch_size, dp_rank, dp_size),
+    return (make_data_iterator(train_ds, train.micro_batch_size, dp_rank, dp_size,
+                               consumed_samples=consumed_samples),
             make_data_iterator(valid_ds, train.micro_batch_size, dp_rank, dp_size))
 
 
@@ -240,6 +253,7 @@ def pretrain(model_cfg: PathMoEConfig, train: TrainingConfig, device: str) -> Ru
     """Initialise, train ``--train-iters`` iterations with periodic logs and validation,
     return (and optionally write) the run summary. Assumes validated configs."""
     from megatron_pathmoe.model import count_parameters
+    from megatron_pathmoe.training.faults import FaultInjector, NonFiniteGuard
     from megatron_pathmoe.training.metrics import ExpertLoadTracker, format_load, pop_aux_losses
 
     initialize_distributed(model_cfg, train, device)
@@ -256,19 +270,31 @@ def pretrain(model_cfg: PathMoEConfig, train: TrainingConfig, device: str) -> Ru
         f"{train.data_parallel_size(model_cfg, world)}) micro-batches={nmb} device={device}")
     log(f"parameters (rank 0): total {params.total:,} active {params.active:,} "
         f"router {params.router:,}")
-    train_iter, valid_iter = build_data_iterators(model_cfg, train)
+    resume = _maybe_resume(chunks, optimizer, scheduler, model_cfg, train)
+    start = resume.iteration if resume else 0
+    consumed = resume.consumed_samples if resume else 0
+    train_iter, valid_iter = build_data_iterators(model_cfg, train, consumed_samples=consumed)
     tracker = ExpertLoadTracker(chunks, model_cfg.num_layers, model_cfg.num_experts)
+    guard = NonFiniteGuard(chunks, model_cfg.num_layers, train.nonfinite_action,
+                           train.max_skipped_steps)
+    faults = FaultInjector.from_env()
     tokens_per_iter = train.global_batch_size * model_cfg.seq_length
 
     losses: list[float] = []
     grad_norms: list[float] = []
     aux_sums: dict[str, float] = {}
+    aux_means: dict[str, float] = {}
     step_times: list[float] = []
     window_start, window_iters, load = time.perf_counter(), 0, None
-    for iteration in range(1, train.train_iters + 1):
+    for iteration in range(start + 1, train.train_iters + 1):
+        injected = faults.before_step(iteration, chunks)
         t0 = time.perf_counter()
-        result = train_step(chunks, optimizer, scheduler, train_iter, model_cfg, train, nmb)
+        result = train_step(chunks, optimizer, scheduler, train_iter, model_cfg, train, nmb,
+                            should_step=partial(guard.should_step, iteration))
         step_times.append(time.perf_counter() - t0)
+        for handle in injected:
+            handle.remove()
+        consumed += train.global_batch_size
         losses.append(result.loss)
         grad_norms.append(result.grad_norm)
         for name, value in pop_aux_losses(model_cfg.num_layers, nmb).items():
@@ -290,28 +316,68 @@ def pretrain(model_cfg: PathMoEConfig, train: TrainingConfig, device: str) -> Ru
                 and iteration != train.train_iters:
             val = evaluate(chunks, valid_iter, model_cfg, train, nmb)
             log(f"validation at iter {iteration}: loss {val:.4f} ppl {math.exp(val):.2f}")
+        if train.save and (iteration == train.train_iters or (
+                train.save_interval and iteration % train.save_interval == 0)):
+            # Keep the save out of the next log window's tokens/s.
+            window_start += _save(chunks, optimizer, scheduler, model_cfg, train, iteration,
+                                  consumed, faults)
     val = evaluate(chunks, valid_iter, model_cfg, train, nmb)
     tracker.remove()
+    guard.remove()
     # The first steps pay one-off costs (allocator, caches): time the rest.
     steady = step_times[min(2, len(step_times) - 1):]
-    mean_step = sum(steady) / len(steady)
+    mean_step = sum(steady) / len(steady) if steady else float("nan")
     summary = RunSummary(
         routing=model_cfg.routing,
         path_block_size=model_cfg.path_block_size if model_cfg.routing == "path" else None,
-        iterations=train.train_iters, final_train_loss=losses[-1], valid_loss=val,
-        valid_perplexity=math.exp(val), tokens_per_second=tokens_per_iter / mean_step,
-        mean_step_seconds=mean_step,
+        iterations=train.train_iters, final_train_loss=losses[-1] if losses else None,
+        valid_loss=val, valid_perplexity=math.exp(val),
+        tokens_per_second=tokens_per_iter / mean_step if steady else None,
+        mean_step_seconds=mean_step if steady else None,
         parameters={"total": params.total, "active": params.active, "router": params.router},
-        final_expert_load_max=[round(float(r.max()), 4) for r in load],
-        final_expert_load_min=[round(float(r.min()), 4) for r in load],
+        final_expert_load_max=[round(float(r.max()), 4) for r in load] if load is not None else [],
+        final_expert_load_min=[round(float(r.min()), 4) for r in load] if load is not None else [],
         train_losses=losses,
         grad_norms=grad_norms,
-        aux_losses=aux_means)
-    log(f"validation: loss {val:.4f} | perplexity {summary.valid_perplexity:.2f} | "
-        f"steady-state {summary.tokens_per_second:,.0f} tokens/s "
-        f"({1000 * mean_step:.0f} ms/iter)")
+        aux_losses=aux_means,
+        start_iteration=start,
+        consumed_samples=consumed)
+    speed = (f" | steady-state {summary.tokens_per_second:,.0f} tokens/s "
+             f"({1000 * mean_step:.0f} ms/iter)" if steady else "")
+    log(f"validation: loss {val:.4f} | perplexity {summary.valid_perplexity:.2f}{speed}")
     _check_platform(device)
     if train.summary_json and dist.get_rank() == 0:
         with open(train.summary_json, "w") as f:
             json.dump(summary.__dict__, f, indent=2)
     return summary
+
+
+def _maybe_resume(chunks, optimizer, scheduler, model_cfg: PathMoEConfig, train: TrainingConfig):
+    from megatron_pathmoe.training.checkpointing import load_checkpoint
+
+    if not train.load:
+        return None
+    resume = load_checkpoint(train.load, chunks, optimizer, scheduler, model_cfg)
+    rng = "" if resume.rng_restored else " (RNG states not restored: different parallel layout)"
+    log(f"resumed from {resume.checkpoint_dir}: iteration {resume.iteration}, "
+        f"{resume.consumed_samples:,} samples consumed{rng}")
+    if resume.iteration > train.train_iters:
+        raise ValueError(f"--load {resume.checkpoint_dir} is at iteration {resume.iteration}, "
+                         f"past --train-iters {train.train_iters}; raise --train-iters")
+    return resume
+
+
+def _save(chunks, optimizer, scheduler, model_cfg: PathMoEConfig, train: TrainingConfig,
+          iteration: int, consumed: int, faults) -> float:
+    """Save a checkpoint (collective); returns the seconds it took."""
+    from megatron_pathmoe.training.checkpointing import CheckpointMeta, save_checkpoint
+
+    log(f"saving checkpoint at iteration {iteration} to {train.save}")
+    t0 = time.perf_counter()
+    meta = CheckpointMeta(model=model_cfg, tokenizer_path=train.tokenizer_model,
+                          consumed_samples=consumed, training=dataclasses.asdict(train))
+    path = save_checkpoint(train.save, iteration, chunks, optimizer, scheduler, meta,
+                           keep_last=train.keep_last, before_publish=faults.during_save)
+    seconds = time.perf_counter() - t0
+    log(f"saved {path} in {seconds:.1f} s")
+    return seconds

@@ -21,9 +21,29 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         pretrain(model_cfg, train_cfg, device)
+    except Exception as err:  # name the rank: torchrun interleaves every rank's stderr
+        return _report_failure(err)
     finally:
         destroy_distributed()
     return 0
+
+
+def _report_failure(err: Exception) -> int:
+    """One line naming the rank and the error (a traceback first when it is not one of ours);
+    the non-zero exit makes torchrun stop the other ranks."""
+    import os
+    import socket
+    import traceback
+
+    from megatron_pathmoe.training.checkpointing import CheckpointError
+    from megatron_pathmoe.training.faults import InjectedFault, NonFiniteError
+
+    if not isinstance(err, (CheckpointError, InjectedFault, NonFiniteError)):
+        traceback.print_exc()
+    rank = os.environ.get("RANK", "0")
+    print(f"pathmoe-pretrain: rank {rank} on {socket.gethostname()} failed: "
+          f"{type(err).__name__}: {err}", file=sys.stderr, flush=True)
+    return 1
 
 
 if __name__ == "__main__":
