@@ -217,6 +217,7 @@ class RunSummary:
     aux_losses: dict[str, float] = field(default_factory=dict)
     start_iteration: int = 0
     consumed_samples: int = 0
+    skipped_iterations: list[int] = field(default_factory=list)
 
 
 def _check_platform(device: str) -> None:
@@ -285,6 +286,7 @@ def pretrain(model_cfg: PathMoEConfig, train: TrainingConfig, device: str) -> Ru
     aux_sums: dict[str, float] = {}
     aux_means: dict[str, float] = {}
     step_times: list[float] = []
+    skipped: list[int] = []
     window_start, window_iters, load = time.perf_counter(), 0, None
     for iteration in range(start + 1, train.train_iters + 1):
         injected = faults.before_step(iteration, chunks)
@@ -297,6 +299,8 @@ def pretrain(model_cfg: PathMoEConfig, train: TrainingConfig, device: str) -> Ru
         consumed += train.global_batch_size
         losses.append(result.loss)
         grad_norms.append(result.grad_norm)
+        if result.skipped:
+            skipped.append(iteration)
         for name, value in pop_aux_losses(model_cfg.num_layers, nmb).items():
             aux_sums[name] = aux_sums.get(name, 0.0) + value
         window_iters += 1
@@ -341,7 +345,8 @@ def pretrain(model_cfg: PathMoEConfig, train: TrainingConfig, device: str) -> Ru
         grad_norms=grad_norms,
         aux_losses=aux_means,
         start_iteration=start,
-        consumed_samples=consumed)
+        consumed_samples=consumed,
+        skipped_iterations=skipped)
     speed = (f" | steady-state {summary.tokens_per_second:,.0f} tokens/s "
              f"({1000 * mean_step:.0f} ms/iter)" if steady else "")
     log(f"validation: loss {val:.4f} | perplexity {summary.valid_perplexity:.2f}{speed}")
