@@ -389,13 +389,19 @@ def load_checkpoint(path: str, chunks: list, optimizer: Any, scheduler: Any,
     state = _full_state(chunks, optimizer if has_optimizer else None,
                         scheduler if has_optimizer else None, is_loading=True,
                         with_rng=same_layout and has_optimizer)
+    optimizer_loaded = "optimizer" in state and _optimizer_layout_matches(state["optimizer"], ckpt)
+    if "optimizer" in state and not optimizer_loaded:
+        del state["optimizer"]
+        _warn(f"{ckpt}: optimizer state not restored: it was saved with a different optimizer "
+              f"structure ({_layout_text(run.parallel)}; e.g. expert parallelism splits the "
+              "optimizer into dense and expert parts); Adam moments restart from zero")
     loaded = dist_checkpointing.load(state, ckpt)
     for key, chunk in zip(_model_keys(chunks), chunks):
         _unwrap(chunk).load_state_dict(loaded[key], strict=True)
     if optimizer is not None:
-        if has_optimizer:
+        if optimizer_loaded:
             optimizer.load_state_dict(loaded["optimizer"])
-        else:
+        else:  # main (fp32 / sharded) params must follow the loaded model weights
             optimizer.reload_model_params()
     if scheduler is not None and has_optimizer:
         scheduler.load_state_dict(loaded["opt_param_scheduler"])
@@ -403,6 +409,36 @@ def load_checkpoint(path: str, chunks: list, optimizer: Any, scheduler: Any,
         _set_rng_state(loaded["rng_state"])
     return ResumeState(iteration=run.iteration, consumed_samples=run.consumed_samples,
                        checkpoint_dir=ckpt, rng_restored="rng_state" in loaded)
+
+
+def _optimizer_layout_matches(optimizer_state: dict, ckpt: str) -> bool:
+    """Whether every optimizer tensor this run asks for exists in the checkpoint. TP/PP/DP
+    changes keep the keys (megatron reshards them); a different optimizer structure does not."""
+    from megatron.core import dist_checkpointing
+    from megatron.core.dist_checkpointing.dict_utils import nested_values
+    from megatron.core.dist_checkpointing.mapping import ShardedBase
+
+    saved = set(dist_checkpointing.load_tensors_metadata(ckpt))
+    wanted = {v.key for v in nested_values(optimizer_state) if isinstance(v, ShardedBase)}
+    return wanted <= saved
+
+
+_LAYOUT_NAMES = {"tensor_model_parallel_size": "TP", "pipeline_model_parallel_size": "PP",
+                 "virtual_pipeline_model_parallel_size": "VPP",
+                 "expert_model_parallel_size": "EP", "data_parallel_size": "DP"}
+
+
+def _layout_text(layout: dict) -> str:
+    saved = " ".join(f"{short}{layout[key]}" for key, short in _LAYOUT_NAMES.items()
+                     if layout.get(key))
+    now = " ".join(f"{short}{value}" for key, short in _LAYOUT_NAMES.items()
+                   if (value := current_layout().get(key)))
+    return f"saved with {saved or 'an unknown layout'}, loading with {now}"
+
+
+def _warn(message: str) -> None:
+    if _rank0():
+        print(f"WARNING: {message}", flush=True)
 
 
 def load_model_for_inference(path: str, device: str = "cpu") -> tuple[torch.nn.Module, RunConfig]:
