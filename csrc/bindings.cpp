@@ -1,0 +1,143 @@
+// pybind11 bindings of the raw-pointer ops. Pointers arrive as integers (tensor.data_ptr(),
+// 0 for "none"); the Python layer (megatron_pathmoe/ops/_kernels.py) owns allocation,
+// validation and the choice of threads/stream. The GIL is released while a kernel runs.
+#include <pybind11/pybind11.h>
+
+#include <cstdint>
+
+#include "permute.h"
+
+#ifndef PATHMOE_OPS_BUILD_HASH
+#define PATHMOE_OPS_BUILD_HASH "unknown"
+#endif
+
+namespace py = pybind11;
+
+namespace {
+
+using Ptr = std::uintptr_t;
+
+template <typename T>
+T* as(Ptr p) {
+  return reinterpret_cast<T*>(p);
+}
+
+pathmoe::DType dtype_of(int code) { return static_cast<pathmoe::DType>(code); }
+
+void bind_cpu(py::module_& m) {
+  const auto nogil = py::call_guard<py::gil_scoped_release>();
+  m.def(
+      "routing_map_to_indices",
+      [](Ptr map, int64_t tokens, int64_t experts, int64_t capacity, Ptr out, int threads) {
+        pathmoe::cpu::routing_map_to_indices(as<const uint8_t>(map), tokens, experts, capacity,
+                                             as<int64_t>(out), threads);
+      },
+      nogil);
+  m.def(
+      "token_csr",
+      [](Ptr indices, int64_t rows, int64_t tokens, Ptr offsets, Ptr slots, int threads) {
+        pathmoe::cpu::token_csr(as<const int64_t>(indices), rows, tokens, as<int64_t>(offsets),
+                                as<int64_t>(slots), threads);
+      },
+      nogil);
+  m.def(
+      "gather_rows",
+      [](int dtype, Ptr src, int64_t src_rows, Ptr index, Ptr weights, int64_t rows,
+         int64_t hidden, Ptr dst, int threads) {
+        pathmoe::cpu::gather_rows(dtype_of(dtype), as<const void>(src), src_rows,
+                                  as<const int64_t>(index), as<const void>(weights), rows, hidden,
+                                  as<void>(dst), threads);
+      },
+      nogil);
+  m.def(
+      "segment_sum_rows",
+      [](int dtype, Ptr src, int64_t src_rows, Ptr offsets, Ptr slots, Ptr weights,
+         int64_t tokens, int64_t hidden, Ptr dst, int threads) {
+        pathmoe::cpu::segment_sum_rows(dtype_of(dtype), as<const void>(src), src_rows,
+                                       as<const int64_t>(offsets), as<const int64_t>(slots),
+                                       as<const void>(weights), tokens, hidden, as<void>(dst),
+                                       threads);
+      },
+      nogil);
+  m.def(
+      "gather_rows_and_dot",
+      [](int dtype, Ptr grad_out, int64_t grad_out_rows, Ptr index, Ptr weights, Ptr rows,
+         int64_t num_rows, int64_t hidden, Ptr grad_rows, Ptr grad_weights, int threads) {
+        pathmoe::cpu::gather_rows_and_dot(
+            dtype_of(dtype), as<const void>(grad_out), grad_out_rows, as<const int64_t>(index),
+            as<const void>(weights), as<const void>(rows), num_rows, hidden, as<void>(grad_rows),
+            as<void>(grad_weights), threads);
+      },
+      nogil);
+}
+
+#ifdef PATHMOE_WITH_CUDA
+void bind_cuda(py::module_& m) {
+  const auto nogil = py::call_guard<py::gil_scoped_release>();
+  m.def("routing_map_workspace_bytes", &pathmoe::cuda::routing_map_workspace_bytes);
+  m.def("token_csr_workspace_bytes", &pathmoe::cuda::token_csr_workspace_bytes);
+  m.def(
+      "routing_map_to_indices",
+      [](Ptr map, int64_t tokens, int64_t experts, int64_t capacity, Ptr out, Ptr workspace,
+         int64_t workspace_bytes, Ptr stream) {
+        pathmoe::cuda::routing_map_to_indices(as<const uint8_t>(map), tokens, experts, capacity,
+                                              as<int64_t>(out), as<void>(workspace),
+                                              workspace_bytes, as<void>(stream));
+      },
+      nogil);
+  m.def(
+      "token_csr",
+      [](Ptr indices, int64_t rows, int64_t tokens, Ptr offsets, Ptr slots, Ptr workspace,
+         int64_t workspace_bytes, Ptr stream) {
+        pathmoe::cuda::token_csr(as<const int64_t>(indices), rows, tokens, as<int64_t>(offsets),
+                                 as<int64_t>(slots), as<void>(workspace), workspace_bytes,
+                                 as<void>(stream));
+      },
+      nogil);
+  m.def(
+      "gather_rows",
+      [](int dtype, Ptr src, int64_t src_rows, Ptr index, Ptr weights, int64_t rows,
+         int64_t hidden, Ptr dst, Ptr stream) {
+        pathmoe::cuda::gather_rows(dtype_of(dtype), as<const void>(src), src_rows,
+                                   as<const int64_t>(index), as<const void>(weights), rows,
+                                   hidden, as<void>(dst), as<void>(stream));
+      },
+      nogil);
+  m.def(
+      "segment_sum_rows",
+      [](int dtype, Ptr src, int64_t src_rows, Ptr offsets, Ptr slots, Ptr weights,
+         int64_t tokens, int64_t hidden, Ptr dst, Ptr stream) {
+        pathmoe::cuda::segment_sum_rows(dtype_of(dtype), as<const void>(src), src_rows,
+                                        as<const int64_t>(offsets), as<const int64_t>(slots),
+                                        as<const void>(weights), tokens, hidden, as<void>(dst),
+                                        as<void>(stream));
+      },
+      nogil);
+  m.def(
+      "gather_rows_and_dot",
+      [](int dtype, Ptr grad_out, int64_t grad_out_rows, Ptr index, Ptr weights, Ptr rows,
+         int64_t num_rows, int64_t hidden, Ptr grad_rows, Ptr grad_weights, Ptr stream) {
+        pathmoe::cuda::gather_rows_and_dot(
+            dtype_of(dtype), as<const void>(grad_out), grad_out_rows, as<const int64_t>(index),
+            as<const void>(weights), as<const void>(rows), num_rows, hidden, as<void>(grad_rows),
+            as<void>(grad_weights), as<void>(stream));
+      },
+      nogil);
+}
+#endif  // PATHMOE_WITH_CUDA
+
+}  // namespace
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "megatron-pathmoe token-permutation kernels (see csrc/permute.h)";
+  m.attr("build_hash") = PATHMOE_OPS_BUILD_HASH;
+  auto cpu = m.def_submodule("cpu", "OpenMP kernels");
+  bind_cpu(cpu);
+#ifdef PATHMOE_WITH_CUDA
+  m.attr("has_cuda") = true;
+  auto cuda = m.def_submodule("cuda", "CUDA kernels (sm_80, sm_90)");
+  bind_cuda(cuda);
+#else
+  m.attr("has_cuda") = false;
+#endif
+}

@@ -1,0 +1,130 @@
+"""Builds the permutation extension ``megatron_pathmoe.ops._C`` from ``csrc/``.
+
+One builder serves both ``setup.py`` (``build_ext``) and the first-use build of a source checkout
+(:mod:`megatron_pathmoe.ops.extension`). It needs only the standard library, a C++17 compiler
+with OpenMP, pybind11's headers and, for the CUDA kernels, ``nvcc``. It imports neither torch
+nor this package (``setup.py`` loads it by path inside pip's isolated build): the kernels take
+raw pointers, so the module does not link against torch and survives torch upgrades.
+
+Every build is labelled with a hash of the sources, the flags and the Python ABI; the loader
+rebuilds when the label of an installed module no longer matches ``csrc/``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+import sysconfig
+import tempfile
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+CSRC = Path(__file__).resolve().parents[2] / "csrc"
+CPU_SOURCES = ("bindings.cpp", "permute_cpu.cpp")
+CUDA_SOURCES = ("permute_cuda.cu",)
+HEADERS = ("permute.h", "cpu_dtypes.h")
+CUDA_ARCHS = ("80", "90")
+# -ffp-contract=off: a weighted sum rounds the product before adding, exactly like
+# megatron-core's unfused unpermute (tokens * probs, then scatter_add), so fp32 matches bitwise.
+CXX_FLAGS = ("-O3", "-std=c++17", "-fPIC", "-fopenmp", "-ffp-contract=off",
+             "-fvisibility=hidden")
+NVCC_FLAGS = ("-O3", "-std=c++17", "-Xcompiler", "-fPIC", "--fmad=false")
+
+
+class BuildError(RuntimeError):
+    """The compiler failed or is missing; the message names the command and the log."""
+
+
+def find_nvcc() -> str | None:
+    """nvcc from $CUDA_HOME/bin, else from PATH."""
+    cuda_home = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH")
+    if cuda_home and (Path(cuda_home) / "bin" / "nvcc").exists():
+        return str(Path(cuda_home) / "bin" / "nvcc")
+    return shutil.which("nvcc")
+
+
+def nvcc_arch_flags(archs: tuple[str, ...] = CUDA_ARCHS) -> list[str]:
+    return [f"-gencode=arch=compute_{a},code=sm_{a}" for a in archs]
+
+
+def extension_filename() -> str:
+    return "_C" + sysconfig.get_config_var("EXT_SUFFIX")
+
+
+def build_hash(with_cuda: bool, csrc: Path = CSRC) -> str:
+    """Label of a build: sources, headers, flags, Python ABI and whether CUDA is in."""
+    digest = hashlib.sha256()
+    files = CPU_SOURCES + HEADERS + (CUDA_SOURCES if with_cuda else ())
+    for name in files:
+        digest.update(name.encode())
+        digest.update((csrc / name).read_bytes())
+    digest.update(repr((CXX_FLAGS, NVCC_FLAGS if with_cuda else (), with_cuda,
+                        CUDA_ARCHS if with_cuda else (), extension_filename())).encode())
+    return digest.hexdigest()[:16]
+
+
+def _include_flags(csrc: Path) -> list[str]:
+    try:
+        import pybind11
+    except ImportError as error:
+        raise BuildError("pybind11 is not installed (pip install pybind11)") from error
+    return [f"-I{csrc}", f"-I{pybind11.get_include()}",
+            f"-I{sysconfig.get_paths()['include']}"]
+
+
+def _run(cmd: list[str], log: Path) -> None:
+    with open(log, "a", encoding="utf-8") as out:
+        out.write(" ".join(cmd) + "\n")
+        out.flush()
+        try:
+            result = subprocess.run(cmd, stdout=out, stderr=subprocess.STDOUT)
+        except FileNotFoundError as error:
+            raise BuildError(f"compiler not found: {cmd[0]} (set CXX or install g++)") from error
+    if result.returncode != 0:
+        raise BuildError(f"`{' '.join(cmd[:1] + cmd[-3:])}` failed; full log: {log}")
+
+
+def _compile_commands(csrc: Path, objdir: Path, with_cuda: bool, label: str) -> list[list[str]]:
+    cxx = os.environ.get("CXX", "c++")
+    defines = [f'-DPATHMOE_OPS_BUILD_HASH="{label}"'] + (["-DPATHMOE_WITH_CUDA"] if with_cuda else [])
+    includes = _include_flags(csrc)
+    commands = [[cxx, *CXX_FLAGS, *defines, *includes, "-c", str(csrc / name),
+                 "-o", str(objdir / (name + ".o"))] for name in CPU_SOURCES]
+    if with_cuda:
+        nvcc = find_nvcc()
+        if nvcc is None:
+            raise BuildError("nvcc not found (set CUDA_HOME or put nvcc on PATH)")
+        commands += [[nvcc, *NVCC_FLAGS, *nvcc_arch_flags(), *defines, f"-I{csrc}", "-c",
+                      str(csrc / name), "-o", str(objdir / (name + ".o"))]
+                     for name in CUDA_SOURCES]
+    return commands
+
+
+def _link_command(objects: list[str], output: Path, with_cuda: bool) -> list[str]:
+    if with_cuda:
+        # nvcc links the CUDA runtime statically: no libcudart on the loader path is needed.
+        return [find_nvcc(), "-shared", "-cudart", "static", "-Xcompiler", "-fopenmp",
+                *objects, "-o", str(output)]
+    return [os.environ.get("CXX", "c++"), "-shared", "-fopenmp", *objects, "-o", str(output)]
+
+
+def build_extension(output: Path, with_cuda: bool, csrc: Path = CSRC,
+                    log: Path | None = None) -> Path:
+    """Compile csrc/ into the extension file ``output`` (written atomically). Returns output."""
+    output = Path(output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    log = Path(log) if log else output.with_suffix(".log")
+    log.write_text(f"building {output} (cuda={with_cuda}) with {sys.executable}\n")
+    label = build_hash(with_cuda, csrc)
+    with tempfile.TemporaryDirectory(dir=output.parent) as tmp:
+        commands = _compile_commands(csrc, Path(tmp), with_cuda, label)
+        with ThreadPoolExecutor(max_workers=len(commands)) as pool:
+            for future in [pool.submit(_run, cmd, log) for cmd in commands]:
+                future.result()
+        staged = Path(tmp) / output.name
+        _run(_link_command([cmd[-1] for cmd in commands], staged, with_cuda), log)
+        os.replace(staged, output)
+    return output
