@@ -12,7 +12,15 @@ from typing import Any
 
 import torch
 
-ROUTING_CHOICES = ("independent", "path")
+# --routing names (paper, Table 1): Indep-MoE, PathB{B}-MoE / PathMoE, Rand-MoE, X-MoE (with
+# --path-block-size > 1: PathB{B}X-MoE), Recurrent-MoE, MonoB{B}-MoE, LowRank-MoE.
+ROUTING_CHOICES = ("independent", "path", "random", "xmoe", "recurrent", "mono", "lowrank")
+# Variants whose routers are shared by blocks of --path-block-size layers, with the block size
+# used when the flag is not given (path: the paper's best B=4; xmoe: plain X-MoE).
+BLOCK_ROUTING_DEFAULT_BLOCK = {"path": 4, "mono": 4, "xmoe": 1}
+# Variants that carry state from one layer's router to the next within a forward pass.
+DEPTH_STATE_ROUTING = ("recurrent", "mono")
+SCORE_FUNCTION_CHOICES = ("softmax", "sigmoid")
 DISPATCHER_CHOICES = ("alltoall", "allgather")
 
 
@@ -45,10 +53,23 @@ class PathMoEConfig:
     moe_z_loss_coeff: float | None = None
     moe_router_pre_softmax: bool = True  # softmax over all experts, then top-k (paper eq. 3.1-3.2)
     moe_token_dispatcher_type: str = "alltoall"
+    moe_router_score_function: str = "softmax"
+    # Aux-loss-free balancing (megatron): a per-expert selection bias moved by
+    # moe_router_bias_update_rate towards balance after every global batch; needs sigmoid scores.
+    moe_router_enable_expert_bias: bool = False
+    moe_router_bias_update_rate: float = 1e-3
 
     # Routing variant.
     routing: str = "path"
-    path_block_size: int = 4
+    path_block_size: int | None = None  # None: the variant's default (see block_size)
+    xmoe_dim: int = 16  # X-MoE: routing-space dimension
+    xmoe_temperature_init: float = 0.07
+    xmoe_temperature_min: float = 0.01
+    xmoe_temperature_max: float = 1.0
+    recurrent_router_dim: int = 128  # Recurrent-MoE: GRU state size r
+    lowrank_rank: int = 4  # LowRank-MoE: rank of the per-layer correction (0: shared router)
+    moe_path_restriction: str | None = None  # .npy of allowed top-1 expert paths [K, L]
+    moe_path_restriction_top_k: int | None = None  # use the K most frequent rows (None: all)
 
     # Parallel layout.
     tensor_model_parallel_size: int = 1
@@ -75,17 +96,103 @@ class PathMoEConfig:
                  f"--routing {self.routing!r} is unknown; choose one of {', '.join(ROUTING_CHOICES)}")
         _require(self.moe_token_dispatcher_type in DISPATCHER_CHOICES,
                  f"--moe-token-dispatcher-type must be one of {', '.join(DISPATCHER_CHOICES)}")
-        if self.routing == "path":
-            _require(self.path_block_size >= 1, "--path-block-size must be at least 1")
-            _require(self.num_layers % self.path_block_size == 0,
-                     f"--path-block-size {self.path_block_size} does not divide --num-layers "
-                     f"{self.num_layers}; use a divisor of {self.num_layers} "
-                     f"(e.g. {_divisors(self.num_layers)})")
+        self._validate_routing()
         self._validate_parallel(world_size)
         return self
 
     def _validate_parallel(self, world_size: int | None) -> None:
         tp, pp, ep = (self.tensor_model_parallel_size, self.pipeline_model_parallel_size,
+    @property
+    def block_size(self) -> int:
+        """Layers per routing block: ``--path-block-size``, else the variant's default."""
+        if self.path_block_size is not None:
+            return self.path_block_size
+        return BLOCK_ROUTING_DEFAULT_BLOCK.get(self.routing, 1)
+
+    def _validate_routing(self) -> None:
+        """The routing variant and its options; records the resolved block size."""
+        _require(self.moe_router_score_function in SCORE_FUNCTION_CHOICES,
+                 f"--moe-router-score-function must be one of {', '.join(SCORE_FUNCTION_CHOICES)}")
+        self._validate_block_size()
+        self._validate_load_balancing()
+        self._validate_variant_options()
+        self._validate_depth_state()
+        if self.moe_path_restriction is not None:
+            self._validate_path_restriction()
+        self.path_block_size = self.block_size
+
+    def _validate_block_size(self) -> None:
+        b = self.block_size
+        _require(b >= 1, "--path-block-size must be at least 1")
+        _require(self.routing in BLOCK_ROUTING_DEFAULT_BLOCK or b == 1,
+                 f"--path-block-size {b}: --routing {self.routing} has no router blocks; block "
+                 f"sizes apply to --routing {', '.join(BLOCK_ROUTING_DEFAULT_BLOCK)}")
+        _require(self.num_layers % b == 0,
+                 f"--path-block-size {b} does not divide --num-layers {self.num_layers}; use a "
+                 f"divisor of {self.num_layers} (e.g. {_divisors(self.num_layers)})")
+
+    def _validate_load_balancing(self) -> None:
+        _require(self.moe_z_loss_coeff is None or self.moe_z_loss_coeff >= 0,
+                 "--moe-z-loss-coeff must be >= 0")
+        _require(not self.moe_router_enable_expert_bias
+                 or self.moe_router_score_function == "sigmoid",
+                 "--moe-router-enable-expert-bias needs --moe-router-score-function sigmoid "
+                 "(megatron-core adds the expert bias to sigmoid scores only)")
+        _require(self.moe_router_bias_update_rate > 0,
+                 "--moe-router-bias-update-rate must be > 0")
+        _require(self.moe_router_topk > 1 or self.moe_router_pre_softmax
+                 or self.moe_router_score_function == "sigmoid",
+                 "--moe-router-topk 1 with softmax scores needs --moe-router-pre-softmax (a "
+                 "softmax over the one selected logit is constant and passes no gradient)")
+
+    def _validate_variant_options(self) -> None:
+        _require(self.xmoe_dim >= 1, "--xmoe-dim must be at least 1")
+        _require(0 < self.xmoe_temperature_min < self.xmoe_temperature_init
+                 < self.xmoe_temperature_max,
+                 f"X-MoE temperature: need 0 < --xmoe-temperature-min "
+                 f"({self.xmoe_temperature_min}) < --xmoe-temperature-init "
+                 f"({self.xmoe_temperature_init}) < --xmoe-temperature-max "
+                 f"({self.xmoe_temperature_max})")
+        _require(self.recurrent_router_dim >= 1, "--recurrent-router-dim must be at least 1")
+        max_rank = min(self.num_experts, self.hidden_size)
+        _require(0 <= self.lowrank_rank <= max_rank,
+                 f"--lowrank-rank {self.lowrank_rank} must be between 0 (a router shared by all "
+                 f"layers) and min(--num-experts, --hidden-size) = {max_rank}")
+
+    def _validate_depth_state(self) -> None:
+        """State that runs from one layer's router to the next stays on one pipeline stage."""
+        pp = self.pipeline_model_parallel_size
+        _require(self.routing != "recurrent" or pp == 1,
+                 "--routing recurrent needs --pipeline-model-parallel-size 1: its GRU state runs "
+                 "from each layer's router to the next one and would have to cross pipeline "
+                 "stages with the activations, which is not implemented")
+        per_chunk = getattr(self, "num_layers_per_virtual_pipeline_stage", None) \
+            or self.num_layers // max(pp, 1)
+        _require(self.routing != "mono" or per_chunk % self.block_size == 0,
+                 f"--routing mono --path-block-size {self.block_size}: a block would span "
+                 f"pipeline stages of {per_chunk} layers, but its first layer's routing decision "
+                 "cannot cross stages; use a block size that divides the layers per stage")
+
+    def _validate_path_restriction(self) -> None:
+        from megatron_pathmoe.routing.restriction import read_paths_file
+
+        flag = f"--moe-path-restriction {self.moe_path_restriction}"
+        _require(self.routing != "mono",
+                 f"{flag}: --routing mono reuses each block's first decision, so a path cannot "
+                 "be enforced layer by layer; restrict a path or independent model instead")
+        _require(self.pipeline_model_parallel_size == 1,
+                 f"{flag} needs --pipeline-model-parallel-size 1: the set of paths a token can "
+                 "still follow runs from layer to layer and cannot cross pipeline stages yet")
+        try:
+            paths = read_paths_file(self.moe_path_restriction, self.num_layers,
+                                    self.num_experts).paths
+        except (OSError, ValueError) as err:
+            raise ConfigError(f"{flag}: {err}") from None
+        top_k = self.moe_path_restriction_top_k
+        _require(top_k is None or 1 <= top_k <= len(paths),
+                 f"--moe-path-restriction-top-k {top_k} must be between 1 and the {len(paths)} "
+                 f"paths in {self.moe_path_restriction}")
+
                       self.expert_model_parallel_size)
         _require(min(tp, pp, ep) >= 1, "parallel sizes must be >= 1")
         _require(self.num_experts % ep == 0,
@@ -169,6 +276,9 @@ class PathMoEConfig:
         return dataclasses.asdict(self)
 
 
+            moe_router_score_function=self.moe_router_score_function,
+            moe_router_enable_expert_bias=self.moe_router_enable_expert_bias,
+            moe_router_bias_update_rate=self.moe_router_bias_update_rate,
 def _require(condition: bool, message: str) -> None:
     if not condition:
         raise ConfigError(message)

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field, fields
 from megatron_pathmoe.config import (
     DISPATCHER_CHOICES,
     ROUTING_CHOICES,
+    SCORE_FUNCTION_CHOICES,
     ConfigError,
     PathMoEConfig,
 )
@@ -101,16 +102,49 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--moe-aux-loss-coeff", type=float, default=m.moe_aux_loss_coeff,
                    help="switch load-balancing loss weight (0 disables it; PathMoE trains "
                         "without it)")
-    g.add_argument("--moe-z-loss-coeff", type=float, default=None)
+    g.add_argument("--moe-z-loss-coeff", type=float, default=None,
+                   help="router z-loss weight (ST-MoE; keeps logits small)")
     g.add_argument("--moe-router-pre-softmax", default=m.moe_router_pre_softmax,
                    action=argparse.BooleanOptionalAction,
                    help="softmax over all experts before top-k (paper eq. 3.1-3.2)")
     g.add_argument("--moe-token-dispatcher-type", choices=DISPATCHER_CHOICES,
                    default=m.moe_token_dispatcher_type)
+    g.add_argument("--moe-router-score-function", choices=SCORE_FUNCTION_CHOICES,
+                   default=m.moe_router_score_function)
+    g.add_argument("--moe-router-enable-expert-bias", action="store_true",
+                   help="aux-loss-free load balancing: a per-expert selection bias moved "
+                        "towards balance after every global batch (needs "
+                        "--moe-router-score-function sigmoid); shared routers share it per "
+                        "block")
+    g.add_argument("--moe-router-bias-update-rate", type=float,
+                   default=m.moe_router_bias_update_rate)
     g.add_argument("--routing", choices=ROUTING_CHOICES, default=m.routing,
-                   help="independent: a router per layer; path: one router per block")
-    g.add_argument("--path-block-size", type=int, default=m.path_block_size,
-                   help="B consecutive MoE layers share a router (B=num-layers: PathMoE)")
+                   help="independent = Indep-MoE (a TopKRouter per layer); path = PathB{B}-MoE "
+                        "(one router per block of --path-block-size layers; B = num-layers is "
+                        "PathMoE); random = Rand-MoE (random routers, frozen); xmoe = X-MoE "
+                        "(cosine routing in a --xmoe-dim space with a learned, bounded "
+                        "temperature; with --path-block-size B > 1: PathB{B}X-MoE); recurrent = "
+                        "Recurrent-MoE (per-layer projections around one GRU shared over "
+                        "depth); mono = MonoB{B}-MoE (the first layer of each block routes, the "
+                        "others reuse its decisions); lowrank = LowRank-MoE (a router shared "
+                        "by all layers plus a per-layer rank --lowrank-rank correction)")
+    g.add_argument("--path-block-size", type=int, default=None,
+                   help="B consecutive MoE layers share their router (path, xmoe) or routing "
+                        "decision (mono); default 4 for path and mono, 1 for xmoe")
+    g.add_argument("--xmoe-dim", type=int, default=m.xmoe_dim,
+                   help="X-MoE routing-space dimension")
+    g.add_argument("--xmoe-temperature-init", type=float, default=m.xmoe_temperature_init)
+    g.add_argument("--xmoe-temperature-min", type=float, default=m.xmoe_temperature_min)
+    g.add_argument("--xmoe-temperature-max", type=float, default=m.xmoe_temperature_max)
+    g.add_argument("--recurrent-router-dim", type=int, default=m.recurrent_router_dim,
+                   help="Recurrent-MoE GRU state size r")
+    g.add_argument("--lowrank-rank", type=int, default=m.lowrank_rank,
+                   help="LowRank-MoE per-layer correction rank (0: one shared router)")
+    g.add_argument("--moe-path-restriction", default=None, metavar="PATHS.npy",
+                   help="train with every token's top-1 expert path confined to the paths in "
+                        "this file (from `python -m megatron_pathmoe.routing.record_paths`)")
+    g.add_argument("--moe-path-restriction-top-k", type=int, default=None,
+                   help="use only the K most frequent paths of --moe-path-restriction")
 
     g = parser.add_argument_group("parallelism")
     g.add_argument("--tensor-model-parallel-size", type=int, default=1)

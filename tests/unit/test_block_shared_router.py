@@ -126,5 +126,11 @@ def test_aux_loss_is_tracked_per_layer(megatron_world1):
 def test_router_classes(megatron_world1):
     from megatron.core.transformer.moe.router import TopKRouter
 
-    assert all(type(r) is TopKRouter for r in routers(build("independent")))
+    from megatron_pathmoe.routing import IndependentRouter
+
+    independent = routers(build("independent"))
+    assert all(type(r) is IndependentRouter and isinstance(r, TopKRouter) for r in independent)
+    # Independent routing overrides none of megatron's routing computation.
+    for method in ("gating", "forward"):
+        assert getattr(IndependentRouter, method) is getattr(TopKRouter, method)
     assert all(isinstance(r, BlockSharedRouter) for r in routers(build("path", 2)))
