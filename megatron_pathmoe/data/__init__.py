@@ -1,31 +1,47 @@
-"""Data pipeline: tokenizer, jsonl -> indexed dataset, megatron-core GPT datasets, demo corpus."""
+"""Data pipeline: tokenizers, corpus -> indexed dataset, megatron-core GPT datasets, demo corpus.
+
+The modules that need torch or megatron-core (``datasets``, ``tokenizer``) are imported on first
+use of their names, so the preprocessing and inspection tools start in a fraction of a second.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
 
 from megatron_pathmoe.data.corpus import default_demo_paths, prepare_demo_data
-from megatron_pathmoe.data.datasets import (
-    build_gpt_datasets,
-    make_data_iterator,
-    parse_blend,
-    token_stream,
-    unigram_cross_entropy,
-    validate_data_prefix,
-)
+from megatron_pathmoe.data.encoders import EOD_TOKEN, TOKENIZER_TYPES, TokenizerSpec
 from megatron_pathmoe.data.errors import DataError
-from megatron_pathmoe.data.preprocess import preprocess, token_dtype
-from megatron_pathmoe.data.tokenizer import EOD_TOKEN, PathMoETokenizer, load_tokenizer
+from megatron_pathmoe.data.indexed import IndexInfo, IndexWriter, check_indexed_dataset, token_dtype
+from megatron_pathmoe.data.inspection import inspect_dataset
+from megatron_pathmoe.data.preprocess import PreprocessConfig, merge_datasets, preprocess, run_preprocess
+
+_LAZY = {
+    "build_gpt_datasets": "datasets",
+    "make_data_iterator": "datasets",
+    "parse_blend": "datasets",
+    "token_stream": "datasets",
+    "unigram_cross_entropy": "datasets",
+    "validate_data_prefix": "datasets",
+    "PathMoETokenizer": "tokenizer",
+    "load_tokenizer": "tokenizer",
+}
 
 __all__ = [
-    "DataError",
-    "EOD_TOKEN",
-    "PathMoETokenizer",
-    "build_gpt_datasets",
-    "default_demo_paths",
-    "load_tokenizer",
-    "make_data_iterator",
-    "parse_blend",
-    "prepare_demo_data",
-    "preprocess",
-    "token_dtype",
-    "token_stream",
-    "unigram_cross_entropy",
-    "validate_data_prefix",
+    "DataError", "EOD_TOKEN", "IndexInfo", "IndexWriter", "PreprocessConfig", "TOKENIZER_TYPES", "TokenizerSpec",
+    "check_indexed_dataset", "default_demo_paths", "inspect_dataset", "merge_datasets", "prepare_demo_data",
+    "preprocess", "run_preprocess", "token_dtype", *sorted(_LAZY),
 ]
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"{__name__}.{module}"), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)

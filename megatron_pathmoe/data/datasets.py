@@ -18,23 +18,21 @@ from megatron.core.datasets.megatron_dataset import MegatronDataset
 from torch.utils.data import Dataset
 
 from megatron_pathmoe.data.errors import DataError
+from megatron_pathmoe.data.indexed import IndexInfo, check_indexed_dataset
 from megatron_pathmoe.data.tokenizer import load_tokenizer
 
 Blend = tuple[list[str], list[float] | None]
 BATCH_KEYS = ("tokens", "labels", "loss_mask", "position_ids")
 
 
-def validate_data_prefix(prefix: str, flag: str) -> None:
-    """Raise DataError naming ``flag`` and the missing file unless ``prefix.bin/.idx`` both exist."""
-    hint = ""
-    if prefix.endswith((".bin", ".idx")):
-        hint = f" (give the prefix without the extension: {prefix[:-4]!r})"
-    for ext in (".bin", ".idx"):
-        if not os.path.isfile(prefix + ext):
-            raise DataError(
-                f"{flag} {prefix!r}: missing {prefix + ext}{hint}; create the dataset with "
-                "tools/preprocess_data.py (it writes {output-prefix}_text_document.bin/.idx)"
-            )
+def validate_data_prefix(prefix: str, flag: str) -> IndexInfo:
+    """Check ``prefix.bin/.idx`` completely (see ``check_indexed_dataset``) and that it holds at
+    least one document; raise DataError naming ``flag`` and the file otherwise."""
+    info = check_indexed_dataset(prefix, flag)
+    if info.documents == 0 or info.token_count == 0:
+        raise DataError(f"{flag} {prefix!r}: the dataset holds no tokens; preprocess a non-empty corpus "
+                        "with tools/preprocess_data.py")
+    return info
 
 
 def parse_blend(prefixes: Sequence[str] | str, flag: str = "--data-path") -> Blend:

@@ -1,0 +1,218 @@
+"""Text encoders for Megatron-LM's tokenizer types, without importing megatron-core or torch.
+
+``TokenizerSpec`` names a tokenizer the way Megatron-LM's flags do (``--tokenizer-type``,
+``--tokenizer-model``, ``--vocab-file``, ``--merge-file``); it is small and picklable, so worker
+processes rebuild the encoder from it. ``TextEncoder`` is what preprocessing, inspection and
+``PathMoETokenizer`` (the megatron-core-facing wrapper) use.
+
+Ids follow Megatron-LM's tokenizers:
+
+- ``HuggingFaceTokenizer``: a ``tokenizer.json`` (or a folder holding one); ids are
+  ``Tokenizer.encode(text).ids``, special tokens in the text are matched.
+- ``GPT2BPETokenizer``: GPT-2 ``vocab.json`` + ``merges.txt``: byte-level BPE with the GPT-2
+  split pattern and no special-token matching (``<|endoftext|>`` in the text is plain text), as
+  Megatron's pure-Python GPT-2 BPE; EOD is ``<|endoftext|>``.
+- ``GPTSentencePieceTokenizer`` / ``SentencePieceTokenizer``: a SentencePiece ``.model``; ids are
+  ``encode_as_ids(text)`` without BOS/EOS, EOD is the model's ``</s>`` (eos) id, as Megatron's
+  ``GPTSentencePieceTokenizer``. (Megatron's ``SentencePieceTokenizer`` would add extra
+  ``<EOD>``/``<MASK>``... ids past the model's vocabulary; that variant is not supported.)
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Iterable, Protocol, Sequence
+
+from megatron_pathmoe.data.errors import DataError
+
+HF_TYPE = "HuggingFaceTokenizer"
+GPT2_TYPE = "GPT2BPETokenizer"
+SPM_TYPES = ("GPTSentencePieceTokenizer", "SentencePieceTokenizer")
+TOKENIZER_TYPES = (HF_TYPE, GPT2_TYPE) + SPM_TYPES
+EOD_TOKEN = "<|endoftext|>"
+# Tried in order when a tokenizer.json is given without an explicit EOD token.
+EOD_CANDIDATES = (EOD_TOKEN, "</s>", "<|end_of_text|>", "<eos>")
+
+
+class TextEncoder(Protocol):
+    """What preprocessing needs from a tokenizer."""
+
+    name: str  # the file it was loaded from (for messages and cache keys)
+    eod: int
+    vocab_size: int
+
+    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]: ...
+
+    def decode(self, ids: Sequence[int]) -> str: ...
+
+    def vocab(self) -> dict[str, int]: ...
+
+
+@dataclass(frozen=True)
+class TokenizerSpec:
+    """A tokenizer named by Megatron-LM's flags; ``load()`` builds its encoder.
+
+    ``eod``: end-of-document token (string) or id; default: ``<|endoftext|>`` (then ``</s>``,
+    ``<|end_of_text|>``, ``<eos>`` for a tokenizer.json), the eos id for SentencePiece.
+    """
+
+    tokenizer_type: str = HF_TYPE
+    tokenizer_model: str | None = None
+    vocab_file: str | None = None
+    merge_file: str | None = None
+    eod: str | int | None = None
+
+    def load(self) -> TextEncoder:
+        if self.tokenizer_type == HF_TYPE:
+            return HFEncoder.from_tokenizer_json(self._file("--tokenizer-model", self.tokenizer_model), self.eod)
+        if self.tokenizer_type == GPT2_TYPE:
+            vocab = self._file("--vocab-file", self.vocab_file)
+            merges = self._file("--merge-file", self.merge_file)
+            return HFEncoder.from_gpt2_files(vocab, merges, self.eod)
+        if self.tokenizer_type in SPM_TYPES:
+            return SentencePieceEncoder(self._file("--tokenizer-model", self.tokenizer_model), self.eod)
+        raise DataError(
+            f"--tokenizer-type {self.tokenizer_type!r} is not supported; choose one of "
+            f"{', '.join(TOKENIZER_TYPES)}"
+        )
+
+    def _file(self, flag: str, path: str | None) -> str:
+        if not path:
+            raise DataError(f"--tokenizer-type {self.tokenizer_type} needs {flag}")
+        if not os.path.exists(path):
+            raise tokenizer_file_error(flag, path, "no such file")
+        if os.path.isdir(path):
+            inner = os.path.join(path, "tokenizer.json")
+            if self.tokenizer_type == HF_TYPE and os.path.isfile(inner):
+                return inner
+            raise tokenizer_file_error(flag, path, "is a directory, expected the tokenizer file itself")
+        return path
+
+
+def tokenizer_file_error(flag: str, path: str, reason: str) -> DataError:
+    return DataError(
+        f"cannot load tokenizer {path!r} (from {flag}): {reason}; pass a Hugging Face "
+        "tokenizer.json (the demo one is data/shakespeare/tokenizer.json), GPT-2 --vocab-file/"
+        "--merge-file or a SentencePiece .model matching --tokenizer-type"
+    )
+
+
+def _one_line(err: BaseException) -> str:
+    return " ".join(str(err).split()) or type(err).__name__
+
+
+class HFEncoder:
+    """A Hugging Face ``tokenizers.Tokenizer`` (tokenizer.json, or GPT-2 files) with an EOD id."""
+
+    def __init__(self, tokenizer, name: str, eod: int, flag: str = "--tokenizer-model") -> None:
+        self._tok = tokenizer
+        self.name = name
+        self.vocab_size = tokenizer.get_vocab_size(with_added_tokens=True)
+        if not 0 <= eod < self.vocab_size:
+            raise DataError(f"EOD id {eod} is outside the vocabulary of tokenizer {name!r} (from {flag})")
+        self.eod = eod
+        # No offsets: ~1.4x faster than encode_batch (tokenizers >= 0.20), same ids.
+        self._encode = getattr(tokenizer, "encode_batch_fast", tokenizer.encode_batch)
+
+    @classmethod
+    def from_tokenizer_json(cls, path: str, eod: str | int | None = None) -> "HFEncoder":
+        from tokenizers import Tokenizer
+
+        try:
+            tok = Tokenizer.from_file(path)
+        except Exception as err:  # tokenizers raises a bare Exception for every parse failure
+            raise tokenizer_file_error("--tokenizer-model", path, f"not a valid tokenizer file ({_one_line(err)})") from err
+        return cls(tok, path, _eod_id(tok.token_to_id, path, eod, "--tokenizer-model"))
+
+    @classmethod
+    def from_gpt2_files(cls, vocab_file: str, merge_file: str, eod: str | int | None = None) -> "HFEncoder":
+        from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+        try:
+            bpe = models.BPE.from_file(vocab_file, merge_file)
+        except Exception as err:
+            reason = f"not a GPT-2 vocab.json + merges.txt pair ({_one_line(err)})"
+            raise tokenizer_file_error("--vocab-file/--merge-file", vocab_file, reason) from err
+        tok = Tokenizer(bpe)
+        # ByteLevel's regex is GPT-2's split pattern; no added tokens, so none is matched.
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        tok.decoder = decoders.ByteLevel()
+        return cls(tok, vocab_file, _eod_id(tok.token_to_id, vocab_file, eod or EOD_TOKEN, "--vocab-file"),
+                   flag="--vocab-file")
+
+    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
+        return [enc.ids for enc in self._encode(list(texts))]
+
+    def decode(self, ids: Sequence[int]) -> str:
+        # Keep special tokens so decode(encode(x)) is exact even when x contains EOD.
+        return self._tok.decode(list(ids), skip_special_tokens=False)
+
+    def vocab(self) -> dict[str, int]:
+        return self._tok.get_vocab(with_added_tokens=True)
+
+
+def _eod_id(token_to_id, path: str, eod: str | int | None, flag: str) -> int:
+    if isinstance(eod, int):
+        return eod
+    names = EOD_CANDIDATES if eod is None else (eod,)
+    for name in names:
+        eod_id = token_to_id(name)
+        if eod_id is not None:
+            return eod_id
+    raise DataError(
+        f"tokenizer {path!r} (from {flag}) has no end-of-document token (tried {', '.join(names)}); "
+        "add one as a special token when training the tokenizer, or name it with --eod-token"
+    )
+
+
+class SentencePieceEncoder:
+    """A SentencePiece ``.model``; EOD = its eos id (Megatron's GPTSentencePieceTokenizer)."""
+
+    def __init__(self, path: str, eod: str | int | None = None) -> None:
+        try:
+            import sentencepiece
+        except ImportError as err:  # pragma: no cover - depends on the environment
+            raise DataError(
+                "--tokenizer-type SentencePieceTokenizer needs the sentencepiece package: "
+                "pip install sentencepiece"
+            ) from err
+        try:
+            self._sp = sentencepiece.SentencePieceProcessor(model_file=path)
+        except Exception as err:
+            reason = f"not a SentencePiece model ({_one_line(err)})"
+            raise tokenizer_file_error("--tokenizer-model", path, reason) from err
+        self.name = path
+        self.vocab_size = self._sp.get_piece_size()
+        if eod is None:
+            eod = self._sp.eos_id()
+            if eod < 0:
+                raise DataError(
+                    f"SentencePiece model {path!r} (from --tokenizer-model) has no eos piece; "
+                    "name the end-of-document piece with --eod-token"
+                )
+        elif isinstance(eod, str):
+            piece = eod
+            eod = self._sp.piece_to_id(piece)
+            if self._sp.id_to_piece(eod) != piece:
+                raise DataError(f"SentencePiece model {path!r} has no piece {piece!r} (from --eod-token)")
+        if not 0 <= eod < self.vocab_size:
+            raise DataError(f"EOD id {eod} is outside the vocabulary of tokenizer {path!r}")
+        self.eod = int(eod)
+
+    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
+        # One thread: parallelism comes from the worker processes.
+        return self._sp.encode(list(texts), out_type=int, num_threads=1)
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return self._sp.decode(list(ids))
+
+    def vocab(self) -> dict[str, int]:
+        return {self._sp.id_to_piece(i): i for i in range(self.vocab_size)}
+
+
+def as_int_list(ids: Iterable[int]) -> list[int]:
+    """numpy arrays and torch tensors -> list of Python ints."""
+    if hasattr(ids, "tolist"):
+        ids = ids.tolist()
+    return [int(i) for i in ids]
