@@ -69,7 +69,8 @@ def load_hf(path: str):
 
 @pytest.fixture(scope="session")
 def exported_tiny(megatron_world1, tmp_path_factory):
-    """One exported path-routing model shared by the generate / lm-eval / error tests."""
+    """(model, config, HF directory) of one exported path-routing model, shared by the
+    generate / lm-eval / error tests."""
     cfg = tiny_config()
     model = build_model(cfg)
-    return export_model(model, cfg, str(tmp_path_factory.mktemp("hf_tiny")))
+    return model, cfg, export_model(model, cfg, str(tmp_path_factory.mktemp("hf_tiny")))

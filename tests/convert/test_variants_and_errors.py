@@ -1,0 +1,103 @@
+"""Routing variants (exact export or a clear refusal) and bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+
+from megatron_pathmoe.convert import ConversionError, canonical_state, import_from_hf
+from megatron_pathmoe.convert.checkpoint import export_to_hf
+from megatron_pathmoe.training.checkpointing import CheckpointError, load_model_for_inference
+from tests.conftest import run_cli
+from tests.convert.conftest import (
+    build_model,
+    export_model,
+    load_hf,
+    megatron_logits,
+    random_tokens,
+    tiny_config,
+)
+
+
+@pytest.mark.parametrize("routing", ["lowrank", "random"])
+def test_linear_gate_variants_export_exactly_and_import_as_independent(megatron_world1, tmp_path,
+                                                                       routing):
+    cfg = tiny_config(routing=routing)
+    model = build_model(cfg, seed=11)
+    hf_dir = export_model(model, cfg, str(tmp_path / "hf"))
+    tokens = random_tokens(cfg)
+    with torch.no_grad():
+        diff = (load_hf(hf_dir)(tokens).logits - megatron_logits(model, tokens)).abs().max()
+    assert diff < 1e-4
+    with pytest.raises(ConversionError, match=f"routing variant '{routing}'.*--routing independent"):
+        import_from_hf(hf_dir, str(tmp_path / "refused"))
+    import_from_hf(hf_dir, str(tmp_path / "mg"), routing="independent")
+    imported, run = load_model_for_inference(str(tmp_path / "mg"))
+    assert run.model.routing == "independent"
+    assert (megatron_logits(imported, tokens) - megatron_logits(model, tokens)).abs().max() < 1e-4
+
+
+@pytest.mark.parametrize("routing, why", [("xmoe", "cosine similarities"),
+                                          ("mono", "reuse the first layer's decisions")])
+def test_nonlinear_routers_are_refused_naming_the_variant(megatron_world1, routing, why):
+    cfg = tiny_config(routing=routing, path_block_size=2)
+    with pytest.raises(ConversionError, match=f"--routing {routing}.*{why}"):
+        canonical_state(build_model(cfg), cfg)
+
+
+def test_sigmoid_scores_are_refused(megatron_world1, tmp_path):
+    cfg = tiny_config(moe_router_score_function="sigmoid")
+    with pytest.raises(ConversionError, match="sigmoid"):
+        export_model(build_model(cfg), cfg, str(tmp_path / "hf"))
+
+
+def test_edited_block_copy_is_refused(exported_tiny, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    _, _, hf_dir = exported_tiny
+    edited = tmp_path / "edited"
+    edited.mkdir()
+    for name in os.listdir(hf_dir):
+        if name != "model.safetensors":
+            (edited / name).write_bytes(open(os.path.join(hf_dir, name), "rb").read())
+    tensors = load_file(os.path.join(hf_dir, "model.safetensors"))
+    tensors["model.layers.3.mlp.gate.weight"][0, 0] += 1e-3
+    save_file(tensors, str(edited / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(ConversionError, match=r"layers\.3\.mlp\.gate\.weight differs from "
+                                              r"model\.layers\.2.*layers 2-3 share one router"):
+        import_from_hf(str(edited), str(tmp_path / "mg"))
+    config = json.load(open(edited / "config.json"))
+    config["num_hidden_layers"] = 8
+    json.dump(config, open(edited / "config.json", "w"))
+    with pytest.raises(ConversionError, match="disagrees with the Qwen2-MoE fields"):
+        import_from_hf(str(edited), str(tmp_path / "mg"))
+
+
+def test_bad_paths_give_clear_errors(exported_tiny, tmp_path):
+    _, _, hf_dir = exported_tiny
+    with pytest.raises(CheckpointError, match="does not exist"):
+        export_to_hf(str(tmp_path / "nowhere"), str(tmp_path / "out"))
+    with pytest.raises(CheckpointError, match="holds no complete checkpoint"):
+        export_to_hf(hf_dir, str(tmp_path / "out"))  # a Hugging Face directory, not megatron's
+    with pytest.raises(ConversionError, match="is not a directory"):
+        import_from_hf(str(tmp_path / "nowhere"), str(tmp_path / "mg"))
+    with pytest.raises(ConversionError, match="no config.json"):
+        import_from_hf(str(tmp_path), str(tmp_path / "mg"))
+    with pytest.raises(ConversionError, match="--max-shard-size 'lots'"):
+        from megatron_pathmoe.convert.hf_files import parse_size
+        parse_size("lots")
+
+
+def test_cli_reports_one_line_errors(tmp_path):
+    missing = str(tmp_path / "no_checkpoint")
+    result = run_cli(["tools/convert_checkpoint.py", "to-hf", "--load", missing,
+                      "--output", str(tmp_path / "out")])
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines()[-1].startswith(
+        f"pathmoe-convert: error: checkpoint {missing!r} does not exist")
+    assert "Traceback" not in result.stderr
+    help_text = run_cli(["tools/convert_checkpoint.py", "to-megatron", "--help"])
+    assert help_text.returncode == 0 and "--path-block-size" in help_text.stdout
