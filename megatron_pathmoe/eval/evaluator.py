@@ -38,7 +38,8 @@ def evaluate_task(scorer: LoglikelihoodScorer, tokenizer: Tokenizer, task: TaskR
             doc = task.documents[d]
             samples.append({"task": task.spec.name, "doc_id": doc.doc_id, "choice": c,
                             "gold": doc.gold, "logprob": score.logprob, "greedy": score.greedy,
-                            "num_tokens": score.num_tokens})
+                            "num_tokens": score.num_tokens,
+                            "answer_chars": doc.choices[c].answer_chars})
     return {"task": task.spec.name, "title": task.spec.title, "split": task.split,
             "num_fewshot": task.num_fewshot, "source": task.path,
             **task_metrics(task.spec.kind, task.documents, per_doc)}
