@@ -17,18 +17,17 @@ import time
 import warnings
 
 from megatron_pathmoe.eval.tasks import PAPER_TASKS, TASKS, UNAVAILABLE
+from megatron_pathmoe.training.arguments import _OneLineErrorParser
+from megatron_pathmoe.training.pretrain import _OPTIONAL_PACKAGE_WARNINGS
 
-_OPTIONAL_PACKAGE_WARNINGS = r".*(Transformer Engine|Apex|apex|transformer_engine).*not installed.*"
+# Deprecation notices megatron-core 0.16 / torch 2.13 print on every checkpoint load; the user
+# can do nothing about them.
+_LOAD_DEPRECATIONS = r".*(full scope is deprecated|`load_state_dict` is deprecated|Please use DTensor).*"
 PROG = "pathmoe-evaluate"
 
 
 class TokenizerMismatchError(ValueError):
     """``--tokenizer-model`` is not the tokenizer the checkpoint was trained with."""
-
-
-class _OneLineErrorParser(argparse.ArgumentParser):
-    def error(self, message: str):
-        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -47,11 +46,12 @@ def build_parser() -> argparse.ArgumentParser:
     g = parser.add_argument_group("tasks")
     g.add_argument("--tasks", default="paper", help="comma-separated task names or files")
     g.add_argument("--num-fewshot", type=int, default=0,
-                   help="in-context examples: 0 or 5 (the request files provide these)")
+                   help="in-context examples: 0 or 5 (the request files provide these; MMLU "
+                        "0-5)")
     g.add_argument("--split", choices=("validation", "test"), default=None,
                    help="for tasks shipped with both splits (ARC, OpenBookQA); default: "
                         "lm-evaluation-harness's (test for ARC/OBQA, validation otherwise)")
-    g.add_argument("--limit", type=int, default=None, help="first N documents of each task")
+    g.add_argument("--limit", type=int, default=None, help="first N documents of each task (MMLU: of each subject)")
     g.add_argument("--valid-data-path", nargs="+", default=[],
                    help="also report perplexity on these .bin/.idx prefixes")
     g.add_argument("--valid-max-tokens", type=int, default=None,
@@ -183,7 +183,8 @@ def _evaluate(args, tasks, checkpoint, tokenizer, layout, device) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    warnings.filterwarnings("ignore", message=_OPTIONAL_PACKAGE_WARNINGS)
+    for pattern in (_OPTIONAL_PACKAGE_WARNINGS, _LOAD_DEPRECATIONS):
+        warnings.filterwarnings("ignore", message=pattern)
     parser = build_parser()
     args = parser.parse_args(argv)
     try:

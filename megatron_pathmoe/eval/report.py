@@ -57,7 +57,8 @@ def _details(results: Sequence[dict]) -> list[str]:
             other += (f"{'; ' if other else ''}{r['context_truncated']} context-truncated, "
                       f"{r['beyond_max_length']} beyond max length")
         acc_norm = _fmt(100 * r["acc_norm"]) if "acc_norm" in r else DASH
-        lines.append(_row([_spec(r).title, r["split"], str(r["num_fewshot"]),
+        shots = DASH if r["num_fewshot"] is None else str(r["num_fewshot"])
+        lines.append(_row([_spec(r).title, r["split"], shots,
                            str(r["num_docs"]), _fmt(100 * r["acc"]), acc_norm, other]))
     return lines
 
@@ -70,14 +71,17 @@ def render_markdown(report: dict) -> str:
     table = dict(report["table"])
     paper_columns = [TASKS[name].column for name in PAPER_TASKS]
     table["Avg."] = report["average"]
-    lines = _table(label, paper_columns + ["Avg."], table)
-    if report["average_over_tasks"] not in (0, len(PAPER_TASKS)):
-        lines.append(f"\nAvg. is over the {report['average_over_tasks']} Table-1 tasks "
-                     "evaluated.")
+    lines: list[str] = []
+    if report["average_over_tasks"]:
+        lines += _table(label, paper_columns + ["Avg."], table)
+        if report["average_over_tasks"] != len(PAPER_TASKS):
+            lines.append(f"\nAvg. is over the {report['average_over_tasks']} Table-1 tasks "
+                         "evaluated.")
+        lines.append("")
     extra = [_spec(r).column for r in results if r["task"] not in PAPER_TASKS]
     if extra:
-        lines += ["", *_table(label, extra, table)]
-    lines += ["", *_details(results)]
+        lines += [*_table(label, extra, table), ""]
+    lines += _details(results)
     valid = report.get("validation")
     if valid:
         lines += ["", f"Validation: {valid['tokens']:,} tokens, loss {valid['loss']:.4f}, "

