@@ -18,8 +18,6 @@ ROUTING_CHOICES = ("independent", "path", "random", "xmoe", "recurrent", "mono",
 # Variants whose routers are shared by blocks of --path-block-size layers, with the block size
 # used when the flag is not given (path: the paper's best B=4; xmoe: plain X-MoE).
 BLOCK_ROUTING_DEFAULT_BLOCK = {"path": 4, "mono": 4, "xmoe": 1}
-# Variants that carry state from one layer's router to the next within a forward pass.
-DEPTH_STATE_ROUTING = ("recurrent", "mono")
 SCORE_FUNCTION_CHOICES = ("softmax", "sigmoid")
 DISPATCHER_CHOICES = ("alltoall", "allgather")
 
@@ -166,8 +164,8 @@ class PathMoEConfig:
                  "--routing recurrent needs --pipeline-model-parallel-size 1: its GRU state runs "
                  "from each layer's router to the next one and would have to cross pipeline "
                  "stages with the activations, which is not implemented")
-        per_chunk = getattr(self, "num_layers_per_virtual_pipeline_stage", None) \
-            or self.num_layers // max(pp, 1)
+        chunks = pp * (getattr(self, "virtual_pipeline_model_parallel_size", None) or 1)
+        per_chunk = self.num_layers // max(chunks, 1)
         _require(self.routing != "mono" or per_chunk % self.block_size == 0,
                  f"--routing mono --path-block-size {self.block_size}: a block would span "
                  f"pipeline stages of {per_chunk} layers, but its first layer's routing decision "
