@@ -122,9 +122,10 @@ def export_to_hf(checkpoint: str, output_dir: str, *, max_shard_size: str = "5GB
         from megatron_pathmoe.training.checkpointing import load_model_for_inference
 
         model, run = load_model_for_inference(ckpt)
-        state = canonical_state(model, run.model)
+        state = canonical_state(model, run.model)  # gathered on rank 0
+        writer = _is_rank0()
         del model
-    if not _is_rank0():
+    if not writer:
         return None
     write_hf_directory(state, saved.model, output_dir, tokenizer_json=saved.tokenizer_path,
                        iteration=saved.iteration, max_shard_bytes=shard_bytes,
