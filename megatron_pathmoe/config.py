@@ -98,8 +98,6 @@ class PathMoEConfig:
         self._validate_parallel(world_size)
         return self
 
-    def _validate_parallel(self, world_size: int | None) -> None:
-        tp, pp, ep = (self.tensor_model_parallel_size, self.pipeline_model_parallel_size,
     @property
     def block_size(self) -> int:
         """Layers per routing block: ``--path-block-size``, else the variant's default."""
@@ -191,6 +189,8 @@ class PathMoEConfig:
                  f"--moe-path-restriction-top-k {top_k} must be between 1 and the {len(paths)} "
                  f"paths in {self.moe_path_restriction}")
 
+    def _validate_parallel(self, world_size: int | None) -> None:
+        tp, pp, ep = (self.tensor_model_parallel_size, self.pipeline_model_parallel_size,
                       self.expert_model_parallel_size)
         _require(min(tp, pp, ep) >= 1, "parallel sizes must be >= 1")
         _require(self.num_experts % ep == 0,
@@ -258,6 +258,9 @@ class PathMoEConfig:
             moe_aux_loss_coeff=self.moe_aux_loss_coeff,
             moe_z_loss_coeff=self.moe_z_loss_coeff,
             moe_token_dispatcher_type=self.moe_token_dispatcher_type,
+            moe_router_score_function=self.moe_router_score_function,
+            moe_router_enable_expert_bias=self.moe_router_enable_expert_bias,
+            moe_router_bias_update_rate=self.moe_router_bias_update_rate,
             moe_router_dtype="fp32",
             moe_grouped_gemm=False,
             moe_permute_fusion=False,
@@ -274,9 +277,6 @@ class PathMoEConfig:
         return dataclasses.asdict(self)
 
 
-            moe_router_score_function=self.moe_router_score_function,
-            moe_router_enable_expert_bias=self.moe_router_enable_expert_bias,
-            moe_router_bias_update_rate=self.moe_router_bias_update_rate,
 def _require(condition: bool, message: str) -> None:
     if not condition:
         raise ConfigError(message)
