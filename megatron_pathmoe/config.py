@@ -74,6 +74,8 @@ class PathMoEConfig:
     pipeline_model_parallel_size: int = 1
     expert_model_parallel_size: int = 1
     sequence_parallel: bool = False
+    # Interleaved (virtual) pipeline: model chunks per pipeline rank; None: plain 1F1B.
+    virtual_pipeline_model_parallel_size: int | None = None
 
     def validate(self, world_size: int | None = None) -> "PathMoEConfig":
         """Raise :class:`ConfigError` naming the offending flag; returns self for chaining."""
@@ -199,12 +201,23 @@ class PathMoEConfig:
         _require(self.num_layers % pp == 0,
                  f"--num-layers {self.num_layers} is not divisible by "
                  f"--pipeline-model-parallel-size {pp}")
+        vpp = self.virtual_pipeline_model_parallel_size
+        if vpp is not None:
+            _require(vpp >= 1 and pp > 1,
+                     "--virtual-pipeline-model-parallel-size needs "
+                     "--pipeline-model-parallel-size > 1 (it interleaves pipeline stages)")
+            _require(self.num_layers % (pp * vpp) == 0,
+                     f"--num-layers {self.num_layers} is not divisible by pipeline size {pp} x "
+                     f"virtual pipeline size {vpp}; every model chunk needs the same number "
+                     "of layers")
         _require(self.num_attention_heads % tp == 0 and
                  (self.num_query_groups or self.num_attention_heads) % tp == 0,
                  f"--tensor-model-parallel-size {tp} must divide the attention heads and "
                  "query groups")
         _require(tp == 1 or self.sequence_parallel,
                  "MoE with --tensor-model-parallel-size > 1 needs --sequence-parallel")
+        _require(tp > 1 or not self.sequence_parallel,
+                 "--sequence-parallel needs --tensor-model-parallel-size > 1")
         if world_size is not None:
             _require(world_size % (tp * pp) == 0,
                      f"world size {world_size} is not divisible by TP*PP = {tp * pp}; launch a "
@@ -248,8 +261,15 @@ class PathMoEConfig:
             tensor_model_parallel_size=self.tensor_model_parallel_size,
             pipeline_model_parallel_size=self.pipeline_model_parallel_size,
             expert_model_parallel_size=self.expert_model_parallel_size,
+            # Experts are never tensor-parallel: alltoall with expert-TP > 1 fails on gloo, and
+            # experts this small gain nothing from it.
             expert_tensor_parallel_size=1,
             sequence_parallel=self.sequence_parallel,
+            virtual_pipeline_model_parallel_size=self.virtual_pipeline_model_parallel_size,
+            # As Megatron-LM: the interleaved schedule overlaps unbatched p2p ops. Batched ops
+            # mismatch at PP=2, where the previous and the next stage are the same rank.
+            overlap_p2p_comm=self.virtual_pipeline_model_parallel_size is not None,
+            batch_p2p_comm=self.virtual_pipeline_model_parallel_size is None,
             num_moe_experts=self.num_experts,
             moe_ffn_hidden_size=self.moe_ffn_hidden_size,
             moe_router_topk=self.moe_router_topk,

@@ -3,6 +3,7 @@
 from megatron_pathmoe.model.builder import (
     ParameterCounts,
     build_gpt_model,
+    build_model_chunks,
     count_parameters,
     padded_vocab_size,
 )
@@ -11,6 +12,7 @@ from megatron_pathmoe.model.spec import decoder_block_spec, moe_layer_spec
 __all__ = [
     "ParameterCounts",
     "build_gpt_model",
+    "build_model_chunks",
     "count_parameters",
     "decoder_block_spec",
     "moe_layer_spec",

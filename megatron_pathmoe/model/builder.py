@@ -19,10 +19,15 @@ def padded_vocab_size(vocab_size: int, tensor_parallel_size: int, divisible_by: 
 
 
 def build_gpt_model(config: PathMoEConfig, *, use_transformer_engine: bool = False,
-                    vp_stage: int | None = None) -> GPTModel:
+                    vp_stage: int | None = None,
+                    use_cpu_initialization: bool = False) -> GPTModel:
     """A GPTModel (RMSNorm, SwiGLU experts, RoPE, GQA; Appendix B of the paper) holding this
-    rank's pipeline stage. Needs initialised model-parallel state."""
+    rank's pipeline stage (virtual stage ``vp_stage`` of it under an interleaved pipeline).
+    Needs initialised model-parallel state. ``use_cpu_initialization`` draws every
+    tensor-parallel weight whole and keeps this rank's slice, so TP layouts start from the
+    weights TP=1 draws."""
     transformer_config = config.to_transformer_config()
+    transformer_config.use_cpu_initialization = use_cpu_initialization
     pre_process = parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage)
     post_process = parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage)
     return GPTModel(
@@ -39,6 +44,15 @@ def build_gpt_model(config: PathMoEConfig, *, use_transformer_engine: bool = Fal
         parallel_output=True,
         vp_stage=vp_stage,
     )
+
+
+def build_model_chunks(config: PathMoEConfig, *, use_transformer_engine: bool = False,
+                       use_cpu_initialization: bool = False) -> list[GPTModel]:
+    """This rank's model chunks: one per virtual pipeline stage (one without interleaving)."""
+    vpp = config.virtual_pipeline_model_parallel_size
+    stages = [None] if vpp is None else list(range(vpp))
+    return [build_gpt_model(config, use_transformer_engine=use_transformer_engine, vp_stage=v,
+                            use_cpu_initialization=use_cpu_initialization) for v in stages]
 
 
 @dataclass

@@ -53,6 +53,8 @@ class TrainingConfig:
     keep_last: int | None = None
     nonfinite_action: str = "stop"
     max_skipped_steps: int = 10
+    dry_run: bool = False
+    dry_run_world_size: int | None = None  # --dry-run: the world size to check the layout for
 
     def data_parallel_size(self, model: PathMoEConfig, world_size: int) -> int:
         return world_size // (model.tensor_model_parallel_size * model.pipeline_model_parallel_size)
@@ -146,12 +148,25 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--moe-path-restriction-top-k", type=int, default=None,
                    help="use only the K most frequent paths of --moe-path-restriction")
 
-    g = parser.add_argument_group("parallelism")
-    g.add_argument("--tensor-model-parallel-size", type=int, default=1)
-    g.add_argument("--pipeline-model-parallel-size", type=int, default=1)
-    g.add_argument("--expert-model-parallel-size", type=int, default=1)
-    g.add_argument("--sequence-parallel", action="store_true")
-    g.add_argument("--use-distributed-optimizer", action="store_true")
+    g = parser.add_argument_group(
+        "parallelism", "world size = TP x PP x DP; experts are split over EP ranks taken from "
+        "DP x TP (expert-DP = world / (PP x EP)); experts are never tensor-parallel")
+    g.add_argument("--tensor-model-parallel-size", type=int, default=1,
+                   help="TP: attention and embeddings split over this many ranks (needs "
+                        "--sequence-parallel)")
+    g.add_argument("--pipeline-model-parallel-size", type=int, default=1,
+                   help="PP: layers split into this many stages; router blocks that span "
+                        "stages are kept identical across them")
+    g.add_argument("--virtual-pipeline-model-parallel-size", type=int, default=None,
+                   help="model chunks per pipeline rank (interleaved 1F1B); needs PP > 1, "
+                        "layers divisible by PP x VPP and micro-batches a multiple of PP")
+    g.add_argument("--expert-model-parallel-size", type=int, default=1,
+                   help="EP: experts split over this many ranks")
+    g.add_argument("--sequence-parallel", action="store_true",
+                   help="split norms, dropout and MoE tokens over the TP ranks (required "
+                        "with TP > 1)")
+    g.add_argument("--use-distributed-optimizer", action="store_true",
+                   help="shard Adam states and fp32 main weights over the data-parallel ranks")
 
     t = TrainingConfig()
     g = parser.add_argument_group("training")
@@ -175,7 +190,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="global batches per validation")
 
     g = parser.add_argument_group("data")
-    g.add_argument("--data-path", nargs="+", default=[], required=True,
+    g.add_argument("--data-path", nargs="+", default=[],
                    help="train prefixes (path without .bin/.idx), optionally 'weight prefix' "
                         "pairs")
     g.add_argument("--valid-data-path", nargs="+", default=[],
@@ -183,7 +198,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--split", default=t.split)
     g.add_argument("--tokenizer-type", default="HuggingFaceTokenizer",
                    choices=("HuggingFaceTokenizer",))
-    g.add_argument("--tokenizer-model", required=True, help="a Hugging Face tokenizer.json")
+    g.add_argument("--tokenizer-model", default="", help="a Hugging Face tokenizer.json")
     g.add_argument("--data-cache-path", default=None)
 
     g = parser.add_argument_group("runtime")
@@ -200,6 +215,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="token permutation in the MoE dispatchers: custom = this project's "
                         "C++/CUDA ops (csrc/), megatron = megatron-core's unfused permute, "
                         "reference = the pure-PyTorch reference; auto = custom when built")
+    g.add_argument("--dry-run", action="store_true",
+                   help="check the config and parallel layout, print the parameter counts "
+                        "(total, active) and a per-rank memory estimate, and exit; needs no "
+                        "data, tokenizer, process group or GPU")
+    g.add_argument("--dry-run-world-size", type=int, default=None,
+                   help="--dry-run: the world size to check the layout for, e.g. NNODES x "
+                        "GPUS_PER_NODE (default: $WORLD_SIZE, else 1)")
+    g.add_argument("--dry-run-vocab-size", type=int, default=None,
+                   help="--dry-run without --tokenizer-model: the tokenizer's vocabulary "
+                        "size (before padding)")
 
     g = parser.add_argument_group("checkpointing and faults")
     g.add_argument("--save", default=None,
@@ -232,16 +257,41 @@ def parse_args(argv: list[str] | None = None) -> tuple[PathMoEConfig, TrainingCo
     parser = build_parser()
     ns = parser.parse_args(argv)
     model, train = _pick(PathMoEConfig, ns), _pick(TrainingConfig, ns)
+    missing = [flag for flag, value in (("--data-path", ns.data_path),
+                                        ("--tokenizer-model", ns.tokenizer_model)) if not value]
+    if missing and not ns.dry_run:
+        parser.error(f"the following arguments are required: {', '.join(missing)}")
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
     try:
-        validate(model, train, int(os.environ.get("WORLD_SIZE", "1")))
+        if ns.dry_run:
+            world_size = ns.dry_run_world_size or world_size
+            _set_dry_run_vocab(model, ns.tokenizer_model, ns.dry_run_vocab_size)
+        validate(model, train, world_size, check_data=not ns.dry_run)
     except (ConfigError, FileNotFoundError, ValueError) as err:
         parser.error(str(err))
+    train.dry_run_world_size = world_size if ns.dry_run else None
     return model, train
 
 
-def validate(model: PathMoEConfig, train: TrainingConfig, world_size: int) -> None:
-    """Checks that need no process group. Sets ``model.vocab_size`` from the tokenizer."""
+def _set_dry_run_vocab(model: PathMoEConfig, tokenizer_model: str, vocab_size: int | None) -> None:
+    """A dry run takes the vocabulary from the tokenizer when given, else from the flag."""
+    from megatron_pathmoe.data import load_tokenizer
+
+    if tokenizer_model:
+        model.vocab_size = load_tokenizer(tokenizer_model).vocab_size
+    elif vocab_size is not None and vocab_size > 0:
+        model.vocab_size = vocab_size
+    else:
+        raise ConfigError("--dry-run needs --tokenizer-model or --dry-run-vocab-size N (the "
+                          "tokenizer's vocabulary size) to count the embeddings")
+
+
+def validate(model: PathMoEConfig, train: TrainingConfig, world_size: int,
+             check_data: bool = True) -> None:
+    """Checks that need no process group. Sets ``model.vocab_size`` from the tokenizer.
+    ``check_data=False`` (``--dry-run``) skips the data, tokenizer and ``--load`` checks."""
     from megatron_pathmoe.data import load_tokenizer, parse_blend
+    from megatron_pathmoe.parallel.layout import check_pipeline_schedule
 
     model.validate(world_size)
     dp = train.data_parallel_size(model, world_size)
@@ -249,6 +299,7 @@ def validate(model: PathMoEConfig, train: TrainingConfig, world_size: int) -> No
         raise ConfigError(
             f"--global-batch-size {train.global_batch_size} is not divisible by "
             f"--micro-batch-size {train.micro_batch_size} x data-parallel size {dp}")
+    check_pipeline_schedule(model, train.num_microbatches(model, world_size))
     for flag, value in (("--train-iters", train.train_iters), ("--log-interval", train.log_interval),
                         ("--eval-iters", train.eval_iters)):
         if value < 1:
@@ -260,6 +311,8 @@ def validate(model: PathMoEConfig, train: TrainingConfig, world_size: int) -> No
         raise ConfigError("--save-interval must be >= 0 and --keep-last >= 1")
     if train.save_interval and not train.save:
         raise ConfigError("--save-interval needs --save DIR")
+    if not check_data:
+        return
     if train.load:
         _check_resumable(train.load, model, train.tokenizer_model)
     parse_blend(train.data_path, "--data-path")  # checks every .bin/.idx exists

@@ -32,7 +32,6 @@ def log(message: str) -> None:
 
 def initialize_distributed(model: PathMoEConfig, train: TrainingConfig, device: str) -> None:
     """Process group (nccl on GPU, gloo on CPU), megatron parallel state, RNG streams."""
-    from megatron.core import parallel_state
     from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 
     if "RANK" not in os.environ:  # plain `python -m ...`: a world of one
@@ -43,13 +42,23 @@ def initialize_distributed(model: PathMoEConfig, train: TrainingConfig, device: 
     if not dist.is_initialized():
         dist.init_process_group("nccl" if device == "cuda" else "gloo",
                                 timeout=timedelta(minutes=train.distributed_timeout_minutes))
+    initialize_model_parallel(model)
+    torch.manual_seed(train.seed)
+    model_parallel_cuda_manual_seed(train.seed)
+
+
+def initialize_model_parallel(model: PathMoEConfig) -> None:
+    """megatron's parallel state for ``model``'s layout (experts never tensor-parallel, as in
+    ``PathMoEConfig.to_transformer_config``)."""
+    from megatron.core import parallel_state
+
     parallel_state.initialize_model_parallel(
         tensor_model_parallel_size=model.tensor_model_parallel_size,
         pipeline_model_parallel_size=model.pipeline_model_parallel_size,
+        virtual_pipeline_model_parallel_size=model.virtual_pipeline_model_parallel_size,
         expert_model_parallel_size=model.expert_model_parallel_size,
+        expert_tensor_parallel_size=1,
     )
-    torch.manual_seed(train.seed)
-    model_parallel_cuda_manual_seed(train.seed)
 
 
 def destroy_distributed() -> None:
@@ -67,24 +76,34 @@ def _free_port() -> int:
 
 
 def build_model_and_optimizer(model_cfg: PathMoEConfig, train: TrainingConfig, device: str):
-    """Model chunks wrapped in megatron DDP, the megatron optimizer and LR scheduler."""
+    """This rank's model chunks (one per virtual pipeline stage) wrapped in megatron DDP, the
+    megatron optimizer and LR scheduler. Router parameters tied across pipeline stages start
+    identical and have their gradients summed after the data-parallel reduction."""
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
-    from megatron.core.distributed.finalize_model_grads import finalize_model_grads
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
     from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
-    from megatron_pathmoe.model import build_gpt_model
+    from megatron_pathmoe.model import build_model_chunks
+    from megatron_pathmoe.parallel import RouterTies, reduce_expert_grads_over_expert_dp
 
-    gpt = build_gpt_model(model_cfg, use_transformer_engine=train.transformer_impl ==
-                          "transformer_engine")
+    models = build_model_chunks(
+        model_cfg, use_transformer_engine=train.transformer_impl == "transformer_engine",
+        use_cpu_initialization=device == "cpu")  # CPU: TP layouts start from TP=1's weights
     if device == "cuda":
-        gpt.cuda(torch.cuda.current_device())
-    config = gpt.config
+        for model in models:
+            model.cuda(torch.cuda.current_device())
+    reduce_expert_grads_over_expert_dp(models, model_cfg)
+    ties = RouterTies.build(models)
+    ties.tag_for_megatron()  # before DDP: buckets and grad-norm accounting read the tags
+    ties.sync_weights()      # before the optimizer copies main weights
+    config = models[0].config
     ddp_config = DistributedDataParallelConfig(
         grad_reduce_in_fp32=True, overlap_grad_reduce=False,
         use_distributed_optimizer=train.use_distributed_optimizer,
         check_for_nan_in_grad=False)  # NonFiniteGuard checks (and can skip) instead
-    chunks = [DistributedDataParallel(config=config, ddp_config=ddp_config, module=gpt)]
+    chunks = [DistributedDataParallel(config=model.config, ddp_config=ddp_config, module=model,
+                                      disable_bucketing=i > 0)
+              for i, model in enumerate(models)]
     optimizer = get_megatron_optimizer(
         OptimizerConfig(optimizer="adam", lr=train.lr, min_lr=train.min_lr,
                         weight_decay=train.weight_decay, adam_beta1=train.adam_beta1,
@@ -97,10 +116,11 @@ def build_model_and_optimizer(model_cfg: PathMoEConfig, train: TrainingConfig, d
         lr_warmup_steps=train.lr_warmup_iters, lr_decay_steps=train.train_iters,
         lr_decay_style=train.lr_decay_style, start_wd=train.weight_decay,
         end_wd=train.weight_decay, wd_incr_steps=train.train_iters, wd_incr_style="constant")
-    # The hooks megatron's schedules call: grad sync, loss scaling, no_sync for micro-batches.
-    config.finalize_model_grads_func = finalize_model_grads
+    # The hooks megatron's schedules call: grad sync (+ router ties), loss scaling, no_sync.
+    config.finalize_model_grads_func = ties.finalize_model_grads_func()
     config.grad_scale_func = optimizer.scale_loss
-    config.no_sync_func = chunks[0].no_sync
+    config.no_sync_func = ([chunk.no_sync for chunk in chunks] if len(chunks) > 1
+                           else chunks[0].no_sync)
     return chunks, optimizer, scheduler
 
 
@@ -245,15 +265,25 @@ def build_data_iterators(model_cfg: PathMoEConfig, train: TrainingConfig,
         cache_dir=train.data_cache_path)
     dp_rank = parallel_state.get_data_parallel_rank()
     dp_size = parallel_state.get_data_parallel_world_size()
-    return (make_data_iterator(train_ds, train.micro_batch_size, dp_rank, dp_size,
-                               consumed_samples=consumed_samples),
-            make_data_iterator(valid_ds, train.micro_batch_size, dp_rank, dp_size))
+    # The interleaved schedule reads one iterator per model chunk; each pipeline stage reads
+    # the whole batch (the first stage uses the tokens, the last the labels and loss mask).
+    vpp = model_cfg.virtual_pipeline_model_parallel_size
+
+    def iterators(dataset, consumed: int = 0):
+        def make():
+            return make_data_iterator(dataset, train.micro_batch_size, dp_rank, dp_size,
+                                      consumed_samples=consumed)
+        return make() if vpp is None else [make() for _ in range(vpp)]
+
+    return iterators(train_ds, consumed_samples), iterators(valid_ds)
 
 
 def pretrain(model_cfg: PathMoEConfig, train: TrainingConfig, device: str) -> RunSummary:
     """Initialise, train ``--train-iters`` iterations with periodic logs and validation,
     return (and optionally write) the run summary. Assumes validated configs."""
     from megatron_pathmoe.model import count_parameters
+    from megatron_pathmoe.model.estimate import layout_report
+    from megatron_pathmoe.parallel.layout import describe_layout
     from megatron_pathmoe.training.faults import FaultInjector, NonFiniteGuard
     from megatron_pathmoe.training.metrics import ExpertLoadTracker, format_load, pop_aux_losses
 
@@ -261,16 +291,19 @@ def pretrain(model_cfg: PathMoEConfig, train: TrainingConfig, device: str) -> Ru
     world = dist.get_world_size()
     nmb = train.num_microbatches(model_cfg, world)
     chunks, optimizer, scheduler = build_model_and_optimizer(model_cfg, train, device)
-    params = count_parameters(chunks[0].module, model_cfg)
+    params, stages, report = layout_report(
+        model_cfg, world, micro_batch_size=train.micro_batch_size, num_microbatches=nmb,
+        use_distributed_optimizer=train.use_distributed_optimizer,
+        flash_attention=train.transformer_impl == "transformer_engine")
     log(f"PathMoE pretraining: routing={model_cfg.routing}"
         f"{f' B={model_cfg.path_block_size}' if model_cfg.routing == 'path' else ''} "
         f"layers={model_cfg.num_layers} hidden={model_cfg.hidden_size} "
         f"experts={model_cfg.num_experts} top{model_cfg.moe_router_topk} world={world} "
-        f"(TP{model_cfg.tensor_model_parallel_size} PP{model_cfg.pipeline_model_parallel_size} "
-        f"EP{model_cfg.expert_model_parallel_size} DP"
-        f"{train.data_parallel_size(model_cfg, world)}) micro-batches={nmb} device={device}")
-    log(f"parameters (rank 0): total {params.total:,} active {params.active:,} "
-        f"router {params.router:,}")
+        f"({describe_layout(model_cfg, world)}) micro-batches={nmb} device={device}")
+    for line in report:
+        log(line)
+    held = sum(count_parameters(chunk.module, model_cfg).total for chunk in chunks)
+    log(f"parameters held by rank 0: {held:,} (estimate {stages[0].params.total:,})")
     resume = _maybe_resume(chunks, optimizer, scheduler, model_cfg, train)
     start = resume.iteration if resume else 0
     consumed = resume.consumed_samples if resume else 0

@@ -17,6 +17,8 @@ def main(argv: list[str] | None = None) -> int:
 
     model_cfg, train_cfg = parse_args(argv)  # exits with a one-line error on bad input
     device = resolve_device(train_cfg.device)
+    if train_cfg.dry_run:
+        return _dry_run(model_cfg, train_cfg)
     from megatron_pathmoe.training.loop import destroy_distributed, pretrain
 
     try:
@@ -25,6 +27,28 @@ def main(argv: list[str] | None = None) -> int:
         return _report_failure(err)
     finally:
         destroy_distributed()
+    return 0
+
+
+def _dry_run(model_cfg, train_cfg) -> int:
+    """The validated layout, parameter counts and memory estimate; no process group."""
+    from megatron_pathmoe.model.estimate import layout_report
+    from megatron_pathmoe.parallel.layout import describe_layout
+
+    world = train_cfg.dry_run_world_size
+    nmb = train_cfg.num_microbatches(model_cfg, world)
+    print(f"dry run: routing={model_cfg.routing} layers={model_cfg.num_layers} "
+          f"hidden={model_cfg.hidden_size} experts={model_cfg.num_experts} "
+          f"top{model_cfg.moe_router_topk} seq={model_cfg.seq_length}")
+    print(f"layout OK for world size {world}: {describe_layout(model_cfg, world)}; "
+          f"global batch {train_cfg.global_batch_size} = micro-batch "
+          f"{train_cfg.micro_batch_size} x {nmb} micro-batches x DP "
+          f"{train_cfg.data_parallel_size(model_cfg, world)}")
+    _, _, report = layout_report(
+        model_cfg, world, micro_batch_size=train_cfg.micro_batch_size, num_microbatches=nmb,
+        use_distributed_optimizer=train_cfg.use_distributed_optimizer,
+        flash_attention=train_cfg.transformer_impl == "transformer_engine")
+    print("\n".join(report), flush=True)
     return 0
 
 

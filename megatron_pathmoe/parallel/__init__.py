@@ -1,0 +1,20 @@
+"""Parallel layouts beyond what megatron-core does on its own: router parameters tied across
+pipeline stages, expert gradients under TP without EP, layout checks and descriptions."""
+
+from megatron_pathmoe.parallel.experts import reduce_expert_grads_over_expert_dp
+from megatron_pathmoe.parallel.ties import (
+    RouterTies,
+    is_canonical_copy,
+    is_tie_writer,
+    local_layer_numbers,
+    tied_parameters,
+)
+
+__all__ = [
+    "RouterTies",
+    "is_canonical_copy",
+    "is_tie_writer",
+    "local_layer_numbers",
+    "reduce_expert_grads_over_expert_dp",
+    "tied_parameters",
+]
