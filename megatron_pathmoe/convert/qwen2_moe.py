@@ -44,7 +44,8 @@ METADATA_VERSION = 1
 IMPORTABLE_ROUTING = ("independent", "path")
 # PathMoEConfig fields describing only how a run was laid out or trained: reset on import.
 _WORLD1_LAYOUT = dict(tensor_model_parallel_size=1, pipeline_model_parallel_size=1,
-                      expert_model_parallel_size=1, sequence_parallel=False)
+                      expert_model_parallel_size=1, sequence_parallel=False,
+                      virtual_pipeline_model_parallel_size=None)
 
 
 def attention_dims(cfg: PathMoEConfig) -> AttentionDims:
@@ -248,8 +249,9 @@ def pathmoe_config(hf_cfg: Mapping[str, Any], source: str, *, routing: str | Non
     if chosen == "path" and block is None:
         raise ConversionError(f"{source}: --routing path needs --path-block-size (the model "
                               "records no routing blocks)")
+    layout = {name: value for name, value in _WORLD1_LAYOUT.items() if hasattr(cfg, name)}
     cfg = cfg.replace(routing=chosen, path_block_size=block if chosen == "path" else None,
-                      **_WORLD1_LAYOUT)
+                      **layout)
     try:
         return cfg.validate()
     except ValueError as err:

@@ -75,3 +75,20 @@ def test_lm_eval_runs_a_local_multiple_choice_task(exported_tiny, tmp_path, monk
     print(f"lm-eval {TASK}: {metrics}")
     assert 0.0 <= metrics["acc,none"] <= 1.0
     assert results["n-samples"][TASK]["effective"] == len(DOCS)
+
+
+def test_transformers_save_pretrained_converts_back_bitwise(exported_tiny, tmp_path):
+    """A model re-saved by transformers (e.g. after fine-tuning there) keeps the hub key layout
+    and the PathMoE metadata, so it converts back to the same megatron weights and ties."""
+    from megatron_pathmoe.convert import hf_to_megatron, tie_block_routers
+    from megatron_pathmoe.convert.hf_files import read_config, read_weights
+    from megatron_pathmoe.convert.qwen2_moe import pathmoe_config
+
+    model, _, hf_dir = exported_tiny
+    load_hf(hf_dir).save_pretrained(str(tmp_path))
+    cfg = pathmoe_config(read_config(str(tmp_path)), str(tmp_path))
+    assert cfg.routing == "path" and cfg.path_block_size == 2
+    state = tie_block_routers(hf_to_megatron(read_weights(str(tmp_path)), cfg), cfg)
+    original = {k: v for k, v in model.state_dict().items() if not k.endswith("_extra_state")}
+    assert state.keys() == original.keys()
+    assert all(torch.equal(state[k], original[k]) for k in original)

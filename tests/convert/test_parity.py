@@ -96,3 +96,15 @@ def test_checkpoint_round_trip_through_files(megatron_world1, tmp_path):
     assert routers[1].weight is routers[0].weight and routers[3].weight is routers[2].weight
     tokens = random_tokens(cfg)
     assert torch.equal(megatron_logits(model, tokens), megatron_logits(reloaded, tokens))
+
+
+def test_bfloat16_export(megatron_world1, tmp_path):
+    """--dtype bfloat16: every tensor and config.json say bfloat16; transformers loads it."""
+    from transformers import AutoModelForCausalLM
+
+    cfg = tiny_config()
+    model = build_model(cfg)
+    hf_dir = export_model(model, cfg, str(tmp_path / "hf"), dtype=torch.bfloat16)
+    assert {t.dtype for t in read_weights(hf_dir).values()} == {torch.bfloat16}
+    hf = AutoModelForCausalLM.from_pretrained(hf_dir)
+    assert hf.config.dtype == torch.bfloat16 and hf.model.embed_tokens.weight.dtype == torch.bfloat16
