@@ -23,6 +23,7 @@ def check_routing_args(tokens: torch.Tensor, routing_map: torch.Tensor,
     """Shapes that permute() needs, with an error that says which argument is wrong."""
     if tokens.dim() != 2:
         raise ValueError(f"permute: tokens must be [num_tokens, hidden], got {tuple(tokens.shape)}")
+    check_dtype("permute: tokens", tokens)
     if routing_map.dim() != 2 or routing_map.shape[0] != tokens.shape[0]:
         raise ValueError(f"permute: routing_map must be [num_tokens={tokens.shape[0]}, "
                          f"num_experts], got {tuple(routing_map.shape)}")
@@ -31,6 +32,12 @@ def check_routing_args(tokens: torch.Tensor, routing_map: torch.Tensor,
     if probs is not None and probs.shape != routing_map.shape:
         raise ValueError(f"permute: probs must have the routing map's shape "
                          f"{tuple(routing_map.shape)}, got {tuple(probs.shape)}")
+
+
+def check_dtype(what: str, tensor: torch.Tensor) -> None:
+    if tensor.dtype not in _kernels.SUPPORTED_DTYPES:
+        supported = ", ".join(str(d).replace("torch.", "") for d in _kernels.SUPPORTED_DTYPES)
+        raise TypeError(f"{what} have dtype {tensor.dtype}; supported: {supported}")
 
 
 def drop_and_pad_capacity(num_out_tokens: int | torch.Tensor, num_experts: int,
@@ -118,6 +125,7 @@ def unpermute(
     if permuted_tokens.dim() != 2 or permuted_tokens.shape != (sorted_indices.numel(), hidden):
         raise ValueError(f"unpermute: permuted_tokens must be [{sorted_indices.numel()}, {hidden}]"
                          f" (sorted_indices, restore_shape), got {tuple(permuted_tokens.shape)}")
+    check_dtype("unpermute: permuted_tokens", permuted_tokens)
     weights = None
     if probs is not None:
         assert routing_map is not None, "Mask must be provided to permute the probs."

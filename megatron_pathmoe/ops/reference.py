@@ -14,6 +14,10 @@ import torch
 from megatron_pathmoe.ops.permutation import check_routing_args, drop_and_pad_capacity
 
 
+def _accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
 def expert_rows(routing_map: torch.Tensor,
                 capacity: Optional[int] = None) -> Tuple[torch.Tensor, torch.Tensor]:
     """(sorted_indices, expert of each row), built expert by expert.
@@ -48,7 +52,9 @@ def permute(
         capacity = drop_and_pad_capacity(num_out_tokens, num_experts, num_tokens)
     sorted_indices, experts = expert_rows(routing_map, capacity)
     permuted_probs = None if probs is None else probs[sorted_indices, experts]
-    return tokens[sorted_indices], permuted_probs, sorted_indices
+    # Gathering in the accumulation type makes autograd sum the gradient in it, too.
+    permuted = tokens.to(_accumulation_dtype(tokens.dtype))[sorted_indices].to(tokens.dtype)
+    return permuted, permuted_probs, sorted_indices
 
 
 def unpermute(
@@ -60,7 +66,7 @@ def unpermute(
     fused: bool = False,
     drop_and_pad: bool = False,
 ) -> torch.Tensor:
-    acc_dtype = torch.float64 if permuted_tokens.dtype == torch.float64 else torch.float32
+    acc_dtype = _accumulation_dtype(permuted_tokens.dtype)
     rows = permuted_tokens.to(acc_dtype)
     if probs is not None:
         assert routing_map is not None, "Mask must be provided to permute the probs."
