@@ -1,4 +1,4 @@
-"""PathMoETokenizer: round trip, EOD, megatron interface, errors on bad files."""
+"""Tokenizers: round trip, EOD, megatron interface, GPT-2 BPE and SentencePiece, errors on bad files."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 from megatron.core.datasets import megatron_tokenizer
 from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 
-from megatron_pathmoe.data import DataError, EOD_TOKEN, load_tokenizer
+from megatron_pathmoe.data import DataError, EOD_TOKEN, TokenizerSpec, load_tokenizer
 
 TEXTS = [
     "If music be the food of love, play on;\nGive me excess of it.",
@@ -83,3 +83,63 @@ def test_tokenizer_without_eod(tmp_path):
     assert load_tokenizer(path, eod=5).eod == 5
     with pytest.raises(DataError):
         load_tokenizer(path, eod=10**6)
+
+
+# --- the other Megatron-LM tokenizer types ---------------------------------------------------
+
+GPT2_TEXTS = [
+    "If music be the food of love, play on;\nGive me excess of it, that, surfeiting,",
+    "  two  spaces, tabs\tand  trailing   \n\n\nnewlines; it's we'll they've I'm you'd",
+    "numbers 12345 and 3.14, snake_case_names, URLs http://x.y/z?q=1&r=2 -- café naïve",
+    "special tokens are plain text here: <|endoftext|> stays bytes",
+]
+
+
+def test_gpt2_bpe_matches_reference_algorithm(gpt2_files, small_docs_text):
+    from tests.data.gpt2_reference import ReferenceGPT2
+
+    vocab, merges = gpt2_files
+    tok = load_tokenizer(TokenizerSpec("GPT2BPETokenizer", vocab_file=vocab, merge_file=merges))
+    reference = ReferenceGPT2(vocab, merges)
+    assert tok.eod == reference.vocab["<|endoftext|>"] and tok.vocab_size == len(reference.vocab)
+    for text in GPT2_TEXTS + small_docs_text[:3]:
+        ids = tok.tokenize(text)
+        assert ids == reference.encode(text), text[:60]
+        assert tok.detokenize(ids) == text
+    # Like Megatron's GPT-2 BPE, EOD written in the text is not matched as a special token.
+    assert tok.eod not in tok.tokenize(GPT2_TEXTS[3])
+
+
+def test_sentencepiece_uses_eos_as_eod(spm_model, small_docs_text):
+    import sentencepiece as spm
+
+    sp = spm.SentencePieceProcessor(model_file=spm_model)
+    for name in ("SentencePieceTokenizer", "GPTSentencePieceTokenizer"):
+        tok = load_tokenizer(TokenizerSpec(name, spm_model))
+        assert tok.eod == sp.eos_id() == 2 and tok.vocab_size == 300
+    text = small_docs_text[0][:500]
+    assert tok.tokenize(text) == sp.encode_as_ids(text)
+    assert tok.encode_batch([text, "Good morrow."]) == [sp.encode_as_ids(text), sp.encode_as_ids("Good morrow.")]
+    assert tok.detokenize(tok.tokenize("Good morrow, cousin.")) == "Good morrow, cousin."
+
+
+@pytest.mark.parametrize("spec, flag", [
+    (TokenizerSpec("BertWordPieceLowerCase", "x"), "--tokenizer-type"),
+    (TokenizerSpec("GPT2BPETokenizer", vocab_file=None, merge_file="m.txt"), "--vocab-file"),
+    (TokenizerSpec("GPT2BPETokenizer", vocab_file="missing-vocab.json", merge_file="m.txt"), "--vocab-file"),
+    (TokenizerSpec("SentencePieceTokenizer", "missing.model"), "--tokenizer-model"),
+    (TokenizerSpec("HuggingFaceTokenizer", None), "--tokenizer-model"),
+])
+def test_tokenizer_flags_errors_name_the_flag(spec, flag):
+    with pytest.raises(DataError) as err:
+        spec.load()
+    assert flag in str(err.value) and "\n" not in str(err.value)
+
+
+def test_corrupt_gpt2_and_sentencepiece_files(tmp_path, gpt2_files):
+    junk = tmp_path / "junk"
+    junk.write_text("not a model")
+    with pytest.raises(DataError, match="SentencePiece"):
+        TokenizerSpec("SentencePieceTokenizer", str(junk)).load()
+    with pytest.raises(DataError, match="vocab.json"):
+        TokenizerSpec("GPT2BPETokenizer", vocab_file=str(junk), merge_file=gpt2_files[1]).load()
