@@ -283,6 +283,7 @@ def pretrain(model_cfg: PathMoEConfig, train: TrainingConfig, device: str) -> Ru
     return (and optionally write) the run summary. Assumes validated configs."""
     from megatron_pathmoe.model import count_parameters
     from megatron_pathmoe.model.estimate import layout_report
+    from megatron_pathmoe.ops import install_permute_impl
     from megatron_pathmoe.parallel.layout import describe_layout
     from megatron_pathmoe.training.faults import FaultInjector, NonFiniteGuard
     from megatron_pathmoe.training.metrics import ExpertLoadTracker, format_load, pop_aux_losses
@@ -290,6 +291,8 @@ def pretrain(model_cfg: PathMoEConfig, train: TrainingConfig, device: str) -> Ru
     initialize_distributed(model_cfg, train, device)
     world = dist.get_world_size()
     nmb = train.num_microbatches(model_cfg, world)
+    permute_impl = install_permute_impl(train.permute_impl, device)
+    log(f"token permutation: {permute_impl} (--permute-impl {train.permute_impl})")
     chunks, optimizer, scheduler = build_model_and_optimizer(model_cfg, train, device)
     params, stages, report = layout_report(
         model_cfg, world, micro_batch_size=train.micro_batch_size, num_microbatches=nmb,
