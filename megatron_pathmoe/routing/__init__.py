@@ -34,7 +34,7 @@ from megatron_pathmoe.routing.block_shared import (
 from megatron_pathmoe.routing.independent import IndependentRouter
 from megatron_pathmoe.routing.lowrank import LowRankRouter
 from megatron_pathmoe.routing.mono import MonoRouter
-from megatron_pathmoe.routing.random import RandomRouter
+from megatron_pathmoe.routing.frozen_random import RandomRouter
 from megatron_pathmoe.routing.recurrent import RecurrentRouter
 from megatron_pathmoe.routing.xmoe import XMoERouter
 

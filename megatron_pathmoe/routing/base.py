@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from megatron.core.transformer.moe.router import TopKRouter
 
 from megatron_pathmoe.config import PathMoEConfig
+from megatron_pathmoe.routing.restriction import PathRestriction
 
 
 class RoutingExportError(ValueError):
@@ -192,8 +193,6 @@ class RouterBuilder:
     the ties and depth state of two models in one process never mix."""
 
     def __init__(self, config: PathMoEConfig, router_class: type[PathMoERouter]) -> None:
-        from megatron_pathmoe.routing.restriction import PathRestriction
-
         self.config = config
         self.router_class = router_class
         self.ties = TieRegistry()

@@ -226,6 +226,15 @@ class LayerPathRestriction:
         self.restriction = restriction
         self.layer_number = layer_number
         self.carry = carry
+        # This layer's expert on each path [K], and as one-hot rows [K, experts].
+        self._layer_experts = restriction.paths[:, layer_number - 1]
+        self._on_path = torch.nn.functional.one_hot(self._layer_experts, restriction.num_experts)
+
+    def _on(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        if self._layer_experts.device != device:
+            self._layer_experts = self._layer_experts.to(device)
+            self._on_path = self._on_path.to(device)
+        return self._layer_experts, self._on_path
 
     def get_replay_topk(self, scores: torch.Tensor, topk: int, num_groups: int | None = None,
                         group_topk: int | None = None,
@@ -234,7 +243,7 @@ class LayerPathRestriction:
             raise ValueError("path restriction does not support group-limited routing")
         tokens = scores.shape[0]
         r = self.restriction
-        layer_experts = r.paths[:, self.layer_number - 1].to(scores.device)  # [K]
+        layer_experts, on_path = self._on(scores.device)
         if self.layer_number == 1:
             open_paths = torch.ones(tokens, len(layer_experts), dtype=torch.bool,
                                     device=scores.device)
@@ -243,7 +252,9 @@ class LayerPathRestriction:
             open_paths = self.carry.get(_OPEN_PATHS_KEY, tokens,
                                         f"path restriction of layer {self.layer_number}",
                                         last_reader=last)
-        first = self._restricted_first(scores, open_paths, layer_experts)
+        # The best-scoring expert that some still-open path uses at this layer.
+        allowed = (open_paths.to(scores.dtype) @ on_path.to(scores.dtype)) > 0
+        first = scores.detach().masked_fill(~allowed, float("-inf")).argmax(-1, keepdim=True)
         if self.layer_number < r.num_layers:
             self.carry.put(_OPEN_PATHS_KEY, open_paths & (layer_experts[None, :] == first))
         indices = first
@@ -251,10 +262,3 @@ class LayerPathRestriction:
             others = scores.detach().scatter(1, first, float("-inf"))
             indices = torch.cat([first, others.topk(topk - 1, dim=-1).indices], dim=-1)
         return scores.gather(1, indices), indices
-
-    def _restricted_first(self, scores: torch.Tensor, open_paths: torch.Tensor,
-                          layer_experts: torch.Tensor) -> torch.Tensor:
-        """[tokens, 1]: the best-scoring expert that some still-open path uses here."""
-        on_path = torch.nn.functional.one_hot(layer_experts, self.restriction.num_experts)
-        allowed = (open_paths.to(scores.dtype) @ on_path.to(scores.dtype)) > 0
-        return scores.detach().masked_fill(~allowed, float("-inf")).argmax(-1, keepdim=True)

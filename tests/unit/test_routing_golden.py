@@ -161,3 +161,12 @@ def test_recurrent_gru_state_runs_over_depth(megatron_world1):
         logits = state.detach().numpy() @ b.T
         expected_ids = [set(np.argsort(-row)[:2]) for row in logits]
         check(r, tokens(*x), expected_ids, logits)
+
+
+@pytest.mark.parametrize("topk", [1, 2, 3, 4])
+def test_any_top_k(megatron_world1, topk):
+    (router,) = make_routers("path", num_layers=1, topk=topk, path_block_size=1)
+    set_(router.weight, EYE)
+    x = np.array([[0.5, 3.0, -1.0, 2.0], [4.0, -2.0, 1.0, 0.0]])
+    order = [[1, 3, 0, 2], [0, 2, 3, 1]]  # experts by decreasing logit, by hand
+    check(router, tokens(*x), [set(row[:topk]) for row in order], x)

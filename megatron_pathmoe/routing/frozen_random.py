@@ -1,5 +1,5 @@
 """Rand-MoE: randomly initialised routers that stay frozen (the paper's lower bound on learned
-routing).
+routing). The module is not called ``random`` so that it never shadows the standard library's.
 
 The weight is drawn like megatron's router weight (``init_method``, from the seeded default
 generator) and then frozen with ``requires_grad=False``: megatron DDP allocates no gradient
