@@ -99,5 +99,12 @@ def test_cli_reports_one_line_errors(tmp_path):
     assert result.stderr.strip().splitlines()[-1].startswith(
         f"pathmoe-convert: error: checkpoint {missing!r} does not exist")
     assert "Traceback" not in result.stderr
-    help_text = run_cli(["tools/convert_checkpoint.py", "to-megatron", "--help"])
-    assert help_text.returncode == 0 and "--path-block-size" in help_text.stdout
+
+
+def test_cli_help_lists_both_directions(capsys):
+    from megatron_pathmoe.convert.cli import build_parser
+
+    for command, flag in (("to-hf", "--max-shard-size"), ("to-megatron", "--path-block-size")):
+        with pytest.raises(SystemExit) as exit_info:
+            build_parser().parse_args([command, "--help"])
+        assert exit_info.value.code == 0 and flag in capsys.readouterr().out
