@@ -4,9 +4,63 @@ torch is given a range, never a pin: on CPU machines install ``torch==2.13.0`` f
 README does), on GPU clusters the CUDA torch already installed satisfies the range, so pip
 never replaces it. megatron-core is pinned exactly (0.16.1 is the newest for Python 3.11).
 GPU-only packages are extras and never install on CPU.
+
+The permutation kernels in csrc/ are compiled into ``megatron_pathmoe.ops._C`` by the builder in
+megatron_pathmoe/ops/_build.py (loaded by path: it needs no torch, so pip's isolated build env,
+which pyproject.toml gives setuptools and pybind11 only, is enough). CPU kernels are always
+built; CUDA kernels when nvcc is found and the build sees a CUDA torch (``--no-build-isolation``)
+or PATHMOE_OPS_CUDA=1. A failed build only warns: the package then builds them on first use
+(cached), and else falls back to megatron-core's permutation.
 """
 
-from setuptools import find_packages, setup
+import importlib.util
+import os
+from pathlib import Path
+
+from setuptools import Extension, find_packages, setup
+from setuptools.command.build_ext import build_ext
+
+ROOT = Path(__file__).resolve().parent
+
+
+def _ops_builder():
+    spec = importlib.util.spec_from_file_location(
+        "_pathmoe_ops_build", ROOT / "megatron_pathmoe" / "ops" / "_build.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _want_cuda(builder) -> tuple[bool, str]:
+    choice = os.environ.get("PATHMOE_OPS_CUDA", "auto")
+    if choice in ("0", "1"):
+        return choice == "1", f"PATHMOE_OPS_CUDA={choice}"
+    if builder.find_nvcc() is None:
+        return False, "nvcc not found"
+    try:
+        import torch
+    except ImportError:
+        return False, ("torch is not importable in the build environment (pip build isolation; "
+                       "use --no-build-isolation or PATHMOE_OPS_CUDA=1)")
+    if not torch.version.cuda:
+        return False, f"torch {torch.__version__} is a CPU build"
+    return True, f"nvcc and torch {torch.__version__}"
+
+
+class BuildPermuteOps(build_ext):
+    """Compiles csrc/ with the package's own builder; warns instead of failing."""
+
+    def build_extension(self, ext):
+        builder = _ops_builder()
+        with_cuda, why = _want_cuda(builder)
+        target = Path(self.get_ext_fullpath(ext.name))
+        print(f"megatron-pathmoe: building permutation kernels (CPU{' + CUDA' if with_cuda else ''}"
+              f"; CUDA: {why}) -> {target}")
+        try:
+            builder.build_extension(target, with_cuda)
+        except (builder.BuildError, OSError) as error:
+            print(f"WARNING megatron-pathmoe: permutation kernels not built ({error}); they are "
+                  "built on first use, else --permute-impl auto uses megatron-core's permute")
 
 setup(
     name="megatron-pathmoe",
@@ -30,6 +84,9 @@ setup(
         # GPU clusters only: transformer-engine raises at import on CPU machines.
         "gpu": ["transformer-engine[pytorch]"],
     },
+    ext_modules=[Extension("megatron_pathmoe.ops._C",
+                           sources=["csrc/bindings.cpp", "csrc/permute_cpu.cpp"])],
+    cmdclass={"build_ext": BuildPermuteOps},
     entry_points={
         "console_scripts": [
             "pathmoe-pretrain=megatron_pathmoe.training.pretrain:main",

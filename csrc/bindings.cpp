@@ -11,6 +11,11 @@
 #define PATHMOE_OPS_BUILD_HASH "unknown"
 #endif
 
+// The build label, findable in the file without loading it (megatron_pathmoe/ops/_build.py
+// file_build_hash): a stale module is never loaded next to a current one.
+extern "C" __attribute__((used, visibility("default"))) const char pathmoe_ops_build_label[] =
+    "pathmoe-ops-build:" PATHMOE_OPS_BUILD_HASH;
+
 namespace py = pybind11;
 
 namespace {

@@ -66,6 +66,20 @@ def build_hash(with_cuda: bool, csrc: Path = CSRC) -> str:
     return digest.hexdigest()[:16]
 
 
+LABEL_PREFIX = b"pathmoe-ops-build:"
+
+
+def file_build_hash(path: Path) -> str | None:
+    """The build label compiled into an extension file (see csrc/bindings.cpp), read without
+    loading it; None when absent."""
+    data = Path(path).read_bytes()
+    start = data.find(LABEL_PREFIX)
+    if start < 0:
+        return None
+    label = data[start + len(LABEL_PREFIX):start + len(LABEL_PREFIX) + 16]
+    return label.decode("ascii", errors="replace")
+
+
 def _include_flags(csrc: Path) -> list[str]:
     try:
         import pybind11

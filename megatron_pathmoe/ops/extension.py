@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import fcntl
 import functools
-import importlib
 import importlib.util
 import os
 from dataclasses import dataclass
@@ -64,16 +63,17 @@ def _load_file(path: Path) -> ModuleType:
 
 
 def _installed(with_cuda: bool) -> ModuleType | None:
-    """The setup.py build, if it is current for csrc/ (or csrc/ is not shipped)."""
-    try:
-        module = importlib.import_module(MODULE_NAME)
-    except ImportError:
+    """The setup.py build, if it is current for csrc/ (or csrc/ is not shipped). Its label is
+    read from the file: a stale module is never imported (it could shadow the fresh build)."""
+    spec = importlib.util.find_spec(MODULE_NAME)
+    if spec is None or not spec.origin:
         return None
-    if with_cuda and not module.has_cuda:
-        return None
-    if not _build.CSRC.is_dir():
-        return module
-    return module if module.build_hash == _build.build_hash(module.has_cuda) else None
+    if _build.CSRC.is_dir():
+        label = _build.file_build_hash(Path(spec.origin))
+        current = {_build.build_hash(True)} | ({_build.build_hash(False)} if not with_cuda else set())
+        if label not in current:
+            return None
+    return _load_file(Path(spec.origin))
 
 
 def _build_cached(with_cuda: bool) -> ModuleType:
