@@ -22,7 +22,8 @@ from megatron_pathmoe.training.pretrain import _OPTIONAL_PACKAGE_WARNINGS
 
 # Deprecation notices megatron-core 0.16 / torch 2.13 print on every checkpoint load; the user
 # can do nothing about them.
-_LOAD_DEPRECATIONS = r".*(full scope is deprecated|`load_state_dict` is deprecated|Please use DTensor).*"
+_LOAD_DEPRECATIONS = (r".*(full scope is deprecated|`load_state_dict` is deprecated"
+                      r"|Please use DTensor).*")
 PROG = "pathmoe-evaluate"
 
 
@@ -51,7 +52,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--split", choices=("validation", "test"), default=None,
                    help="for tasks shipped with both splits (ARC, OpenBookQA); default: "
                         "lm-evaluation-harness's (test for ARC/OBQA, validation otherwise)")
-    g.add_argument("--limit", type=int, default=None, help="first N documents of each task (MMLU: of each subject)")
+    g.add_argument("--limit", type=int, default=None,
+                   help="first N documents of each task (MMLU: of each subject)")
     g.add_argument("--valid-data-path", nargs="+", default=[],
                    help="also report perplexity on these .bin/.idx prefixes")
     g.add_argument("--valid-max-tokens", type=int, default=None,

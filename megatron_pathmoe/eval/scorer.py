@@ -83,7 +83,8 @@ def _round_up(n: int, multiple: int) -> int:
     return -(-n // multiple) * multiple
 
 
-def plan_batches(lengths: Sequence[int], max_batch_tokens: int, multiple: int = 1) -> list[list[int]]:
+def plan_batches(lengths: Sequence[int], max_batch_tokens: int,
+                 multiple: int = 1) -> list[list[int]]:
     """Row ids, longest first, packed so that rows x padded length <= max_batch_tokens."""
     order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
     batches: list[list[int]] = []
