@@ -104,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if bool(args.input) == bool(args.merge):
         parser.error("give either --input (tokenize) or --merge (concatenate datasets)")
-    signal.signal(signal.SIGTERM, _interrupt)
+    previous = signal.signal(signal.SIGTERM, _interrupt)
     try:
         if args.merge:
             merge_datasets(args.merge, args.output_prefix, quiet=args.quiet)
@@ -116,6 +116,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted: partial outputs removed, nothing written", file=sys.stderr)
         return 130
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     return 0
 
 

@@ -214,7 +214,12 @@ class _Outputs:
             os.replace(tmp_idx, idx_path(prefix))
 
     def discard(self) -> None:
-        _remove([p for pair in self.files.values() for p in pair] + self.extra)
+        """Best effort: never let cleanup hide the error that caused it."""
+        for path in [p for pair in self.files.values() for p in pair] + self.extra:
+            try:
+                os.remove(path)
+            except OSError:
+                pass
 
 
 def _remove(paths: Sequence[str]) -> None:
@@ -249,9 +254,21 @@ def _remove_stale_temporaries(prefix: str) -> None:
 _WORKER: tuple[TextEncoder, EncodeOptions] | None = None
 
 
+def _die_with_parent() -> None:
+    """Linux: SIGTERM this process when its parent dies, so a ``kill -9`` of the tool leaves no
+    orphaned workers blocked on the task queue."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        pr_set_pdeathsig = 1
+        ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
+
+
 def _init_worker(spec: TokenizerSpec, opts: EncodeOptions) -> None:
     global _WORKER
+    _die_with_parent()
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is handled once, by the main process
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # Pool.terminate(): end quietly, whatever the parent set
     os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one core per worker: the pool is the parallelism
     _WORKER = (spec.load(), opts)
 
@@ -338,6 +355,7 @@ def _exit_on_sigterm(signum, frame) -> None:
 
 def _partition_main(index: int, parts: list[Part], cfg: PreprocessConfig, opts: EncodeOptions, workers: int,
                     files: dict[str, tuple[str, str]], outputs: _Outputs, dtype, counters, conn) -> None:
+    _die_with_parent()
     signal.signal(signal.SIGTERM, _exit_on_sigterm)  # so the pool below is shut down too
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles Ctrl-C and stops us
     try:
@@ -351,13 +369,20 @@ def _partition_main(index: int, parts: list[Part], cfg: PreprocessConfig, opts: 
         finally:
             for writer in writers.values():
                 writer.close()
-        conn.send(("ok", stats))
+        _report(conn, ("ok", stats))
     except DataError as err:
-        conn.send(("error", str(err)))
+        _report(conn, ("error", str(err)))
     except BaseException as err:  # report anything, the parent decides
-        conn.send(("error", f"partition {index} failed: {type(err).__name__}: {err}"))
+        _report(conn, ("error", f"partition {index} failed: {type(err).__name__}: {err}"))
     finally:
         conn.close()
+
+
+def _report(conn, message: tuple) -> None:
+    try:
+        conn.send(message)
+    except OSError:  # the parent is gone (killed): nobody to tell
+        pass
 
 
 def _run_partitions(groups: list[list[Part]], cfg: PreprocessConfig, opts: EncodeOptions, outputs: _Outputs,

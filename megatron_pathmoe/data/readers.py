@@ -140,8 +140,8 @@ def plan_partitions(files: Sequence[str], partitions: int, input_format: str) ->
         parts.extend(_split_file(path, pieces) if pieces > 1 else [Part(path)])
     groups: list[list[Part]] = [[] for _ in range(partitions)]
     done = 0
-    for part in parts:
-        group = min(partitions - 1, done * partitions // max(1, total))
+    for part in parts:  # by where the part's middle falls, so contiguous and balanced
+        group = min(partitions - 1, (2 * done + part.nbytes) * partitions // max(1, 2 * total))
         groups[group].append(part)
         done += part.nbytes
     return [g for g in groups if g]
@@ -155,7 +155,9 @@ class _Source:
         self._last = part.start
 
     def consumed(self) -> int:
-        """Input bytes read since the previous call."""
+        """Input bytes read since the previous call (0 for pipes: their size is unknown anyway)."""
+        if not self._raw.seekable():
+            return 0
         now = self._raw.tell()
         delta, self._last = now - self._last, now
         return delta

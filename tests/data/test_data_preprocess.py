@@ -1,4 +1,5 @@
-"""preprocess(): megatron-readable output, the documented .idx layout, determinism, bad input."""
+"""preprocess(): megatron-readable output, the documented .idx layout, input formats, tokenizer
+types, and bytes that do not depend on workers, block size or partitions."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ import numpy as np
 import pytest
 from megatron.core.datasets.indexed_dataset import IndexedDataset
 
-from megatron_pathmoe.data import DataError, preprocess
+from megatron_pathmoe.data import preprocess
 
 REPO = Path(__file__).resolve().parents[2]
 CLI = str(REPO / "tools" / "preprocess_data.py")
@@ -73,18 +74,42 @@ def test_idx_header_follows_documented_format(small_jsonl, tokenizer, tmp_path):
     assert os.path.getsize(prefix + ".bin") == 2 * lengths.sum()
 
 
-def test_workers_do_not_change_bytes(small_jsonl, tokenizer, tmp_path):
-    one = _run(small_jsonl, tmp_path / "w1", tokenizer.path, workers=1)["prefixes"]["text"]
-    two = _run(small_jsonl, tmp_path / "w2", tokenizer.path, workers=2)["prefixes"]["text"]
-    for ext in (".bin", ".idx"):
-        assert Path(one + ext).read_bytes() == Path(two + ext).read_bytes()
+def _bytes(prefix: str) -> tuple[bytes, bytes]:
+    return Path(prefix + ".bin").read_bytes(), Path(prefix + ".idx").read_bytes()
 
 
-def test_gzip_input_multiple_keys_and_no_eod(small_docs, tokenizer, tmp_path):
-    src = tmp_path / "in.jsonl.gz"
-    with gzip.open(src, "wt", encoding="utf-8") as f:
-        for d in small_docs[:8]:
-            f.write(json.dumps(d) + "\n")
+def test_workers_blocks_and_partitions_do_not_change_bytes(small_jsonl, tokenizer, tmp_path):
+    reference = _bytes(_run(small_jsonl, tmp_path / "w1", tokenizer.path)["prefixes"]["text"])
+    variants = {
+        "workers": dict(workers=2, block_bytes=20_000),
+        "partitions": dict(partitions=3, workers=2, block_bytes=30_000),  # one file cut at line starts
+    }
+    for name, options in variants.items():
+        summary = _run(small_jsonl, tmp_path / name, tokenizer.path, **options)
+        assert _bytes(summary["prefixes"]["text"]) == reference, name
+        assert sorted(os.listdir(tmp_path / name)) == ["corpus_text_document.bin", "corpus_text_document.idx"]
+    assert summary["partitions"] == 3
+    # Partitions over several compressed files (each stays whole) give the same bytes as one pass.
+    lines = Path(small_jsonl).read_text().splitlines(keepends=True)
+    parts = []
+    for i, chunk in enumerate((lines[:15], lines[15:16], lines[16:])):
+        parts.append(str(tmp_path / f"part{i}.jsonl.gz"))
+        with gzip.open(parts[-1], "wt") as f:
+            f.writelines(chunk)
+    split = _run(parts, tmp_path / "gz", tokenizer.path, partitions=2, workers=2)
+    assert _bytes(split["prefixes"]["text"]) == reference and split["partitions"] == 2
+
+
+@pytest.mark.parametrize("suffix", [".gz", ".zst"])
+def test_compressed_input_multiple_keys_and_no_eod(small_docs, tokenizer, tmp_path, suffix):
+    payload = "".join(json.dumps(d) + "\n" for d in small_docs[:8]).encode()
+    src = tmp_path / f"in.jsonl{suffix}"
+    if suffix == ".gz":
+        src.write_bytes(gzip.compress(payload))
+    else:
+        import zstandard
+
+        src.write_bytes(zstandard.ZstdCompressor().compress(payload))
     summary = _run(str(src), tmp_path, tokenizer.path, json_keys=("text", "title"), append_eod=False)
     texts = IndexedDataset(summary["prefixes"]["text"])
     titles = IndexedDataset(summary["prefixes"]["title"])
@@ -94,44 +119,78 @@ def test_gzip_input_multiple_keys_and_no_eod(small_docs, tokenizer, tmp_path):
     assert tokenizer.eod not in texts[0].tolist()
 
 
-def _assert_no_outputs(directory: Path) -> None:
-    leftovers = [p for p in os.listdir(directory) if "corpus" in p]
-    assert leftovers == []
+def test_text_inputs_one_document_per_file_or_paragraph(tokenizer, tmp_path):
+    folder = tmp_path / "docs"
+    (folder / "sub").mkdir(parents=True)
+    texts = {"b.txt": "Second file.\n\nStill the second document.\n", "a.txt": "First file, one line.",
+             "sub/c.txt": "Third, in a subfolder.\n"}
+    for name, text in texts.items():
+        (folder / name).write_text(text)
+    per_file = _run(str(folder), tmp_path / "files", tokenizer.path, input_format="text-file")
+    ds = IndexedDataset(per_file["prefixes"]["text"])
+    assert [tokenizer.detokenize(ds[i][:-1]) for i in range(len(ds))] == [texts[k] for k in sorted(texts)]
+    paragraphs = tmp_path / "paragraphs.txt"
+    paragraphs.write_text("\n\nFirst paragraph,\ntwo lines.\n\n\n  \nSecond paragraph.\n\nThird.")
+    per_paragraph = _run(str(paragraphs), tmp_path / "paras", tokenizer.path, input_format="text-paragraph",
+                         json_keys=("body",))
+    ds = IndexedDataset(per_paragraph["prefixes"]["body"])
+    assert per_paragraph["prefixes"]["body"].endswith("corpus_body_document")
+    assert [tokenizer.detokenize(ds[i][:-1]) for i in range(len(ds))] == [
+        "First paragraph,\ntwo lines.", "Second paragraph.", "Third."]
 
 
-def test_malformed_json_names_file_and_line(small_docs, tokenizer, tmp_path):
-    # Past the first worker chunk (32 docs), so earlier data was already written to temp files.
-    records = small_docs[:35] + ['{"text": "unterminated'] + small_docs[35:]
-    src = write_jsonl(tmp_path / "bad.jsonl", records)
-    for workers in (1, 2):
-        with pytest.raises(DataError) as err:
-            _run(src, tmp_path, tokenizer.path, workers=workers)
-        assert f"{src}:36:" in str(err.value) and "malformed JSON" in str(err.value)
-        _assert_no_outputs(tmp_path)
+def test_split_sentences_writes_one_sequence_per_sentence(tokenizer, tmp_path):
+    docs = [{"text": "It is the east. And Juliet is the sun! Arise, fair sun? \"Yes.\" e.g. not split"},
+            {"text": ["Pre-split", "sentences", ""]}]  # Megatron-LM accepts lists of sentences
+    src = write_jsonl(tmp_path / "s.jsonl", docs)
+    summary = _run(src, tmp_path, tokenizer.path, split_sentences=True)
+    ds = IndexedDataset(summary["prefixes"]["text"])
+    expected = [["It is the east.", "And Juliet is the sun!", "Arise, fair sun?", '"Yes." e.g. not split'],
+                ["Pre-split", "sentences"]]
+    assert list(ds.document_indices) == [0, 4, 6]
+    sequences = [tokenizer.tokenize(s) for doc in expected for s in doc]
+    sequences[3].append(tokenizer.eod)  # EOD ends the last sentence of each document
+    sequences[5].append(tokenizer.eod)
+    assert [ds[i].tolist() for i in range(len(ds))] == sequences
 
 
-def test_missing_key_and_non_object(tokenizer, tmp_path):
-    src = write_jsonl(tmp_path / "nokey.jsonl", [{"text": "fine"}, {"body": "wrong field"}])
-    with pytest.raises(DataError) as err:
-        _run(src, tmp_path, tokenizer.path)
-    assert f"{src}:2:" in str(err.value) and "'text'" in str(err.value) and "--json-keys" in str(err.value)
-    _assert_no_outputs(tmp_path)
-    src = write_jsonl(tmp_path / "list.jsonl", ["[1, 2]"])
-    with pytest.raises(DataError, match=r"list.jsonl:1: expected a JSON object"):
-        _run(src, tmp_path, tokenizer.path)
+@pytest.mark.parametrize("kind", ["gpt2", "sentencepiece"])
+def test_other_tokenizer_types_through_the_pipeline(kind, small_jsonl, small_docs_text, gpt2_files, spm_model,
+                                                   tmp_path):
+    from megatron_pathmoe.data import TokenizerSpec, load_tokenizer
+
+    if kind == "gpt2":
+        spec = TokenizerSpec("GPT2BPETokenizer", vocab_file=gpt2_files[0], merge_file=gpt2_files[1])
+    else:
+        spec = TokenizerSpec("SentencePieceTokenizer", spm_model)
+    summary = _run(small_jsonl, tmp_path, spec, workers=2)
+    tok = load_tokenizer(spec)
+    ds = IndexedDataset(summary["prefixes"]["text"])
+    for i in (0, 17, 39):
+        assert ds[i].tolist() == tok.tokenize(small_docs_text[i]) + [tok.eod]
 
 
-def test_missing_tokenizer_or_input(small_jsonl, tokenizer, tmp_path):
-    with pytest.raises(ValueError, match="--tokenizer-model"):
-        _run(small_jsonl, tmp_path, str(tmp_path / "missing.json"))
-    with pytest.raises(DataError, match="--input"):
-        _run(str(tmp_path / "missing.jsonl"), tmp_path, tokenizer.path)
+def test_cli_tokenizes_merges_and_reports(small_jsonl, tokenizer, tmp_path):
+    base = [sys.executable, CLI, "--tokenizer-model", tokenizer.path, "--append-eod", "--workers", "2"]
+    for name in ("a", "b"):
+        run = subprocess.run(base + ["--input", small_jsonl, "--output-prefix", str(tmp_path / name)],
+                             capture_output=True, text=True)
+        assert run.returncode == 0, run.stderr
+        assert "done: 40 documents (1 empty skipped), " in run.stderr and "tokens/s" in run.stderr
+    merged = subprocess.run([sys.executable, CLI, "--merge", str(tmp_path / "a_text_document"),
+                             str(tmp_path / "b_text_document"), "--output-prefix", str(tmp_path / "ab")],
+                            capture_output=True, text=True)
+    assert merged.returncode == 0, merged.stderr
+    ds = IndexedDataset(str(tmp_path / "ab"))
+    assert len(ds) == 80 and ds[40].tolist() == ds[0].tolist()
 
 
 def test_cli_help_and_error_exit(small_jsonl, tmp_path):
     out = subprocess.run([sys.executable, CLI, "--help"], capture_output=True, text=True, check=True)
-    for flag in ("--input", "--json-keys", "--output-prefix", "--tokenizer-type", "--tokenizer-model",
-                 "--append-eod", "--workers", "--log-interval"):
+    for flag in ("--input", "--input-format", "--json-keys", "--output-prefix", "--tokenizer-type",
+                 "--tokenizer-model", "--vocab-file", "--merge-file", "--append-eod", "--split-sentences",
+                 "--workers", "--partitions", "--merge", "--on-bad-record", "--max-document-bytes",
+                 "--log-interval"):
         assert flag in out.stdout
     sys.path.insert(0, str(REPO / "tools"))
     try:
