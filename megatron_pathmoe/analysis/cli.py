@@ -115,7 +115,7 @@ def _layout(args):
 def validate(args, world_size: int) -> list[tuple[str, str]]:
     """Everything checkable before any process group: raises ValueError naming the flag."""
     from megatron_pathmoe.analysis.forward import check_data_source
-    from megatron_pathmoe.training.checkpointing import read_run_config
+    from megatron_pathmoe.training.checkpointing import CheckpointError, read_run_config
 
     if args.tokens < 1 or args.micro_batch_size < 1 or args.top_paths < 1 \
             or args.robustness_seeds < 1 or args.robustness_tokens < 0 or args.workers < 1:
@@ -128,7 +128,10 @@ def validate(args, world_size: int) -> list[tuple[str, str]]:
     layout = _layout(args)
     tokenizers = set()
     for label, path in checkpoints:
-        run = read_run_config(path)
+        try:
+            run = read_run_config(path)
+        except CheckpointError as err:
+            raise ValueError(f"--checkpoint {label}={path}: {err}") from None
         tokenizers.add(run.tokenizer_sha256)
         run.model.replace(
             tensor_model_parallel_size=layout.tensor_model_parallel_size,
@@ -202,8 +205,8 @@ def quiet_library_warnings() -> None:
     """megatron's notes about optional GPU packages and layout hints, and deprecations inside
     megatron's and torch's checkpoint loading, say nothing about the analysis. Call before
     megatron is imported to also silence its import-time notes."""
-    for category in (UserWarning, FutureWarning):
-        warnings.filterwarnings("ignore", category=category, module=r"(megatron|torch)\.")
+    warnings.filterwarnings("ignore", category=UserWarning, module=r"(megatron|torch)\.")
+    warnings.filterwarnings("ignore", category=FutureWarning)
 
 
 def main(argv: list[str] | None = None) -> int:
