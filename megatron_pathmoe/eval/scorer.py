@@ -4,8 +4,9 @@ How the work is laid out:
 
 * a request becomes one input row ``(context + continuation)[:-1]`` whose last
   ``len(continuation)`` positions predict the continuation; only those positions are scored;
-* requests with the same input row share it: a context followed by single-token choices
-  (BoolQ's " yes"/" no", letter answers) costs one row instead of one per choice;
+* requests whose input rows are equal, or one a prefix of the other, share the longer row: a
+  context followed by single-token choices (BoolQ's " yes"/" no", MMLU's letters) costs one
+  row instead of one per choice;
 * rows are sorted longest first and packed into forwards of at most ``max_batch_tokens``
   padded tokens, right-padded (causal attention: padding never affects real positions, and
   the MoE layers drop no tokens, so a row scores the same in any batch);
@@ -66,17 +67,25 @@ def _place(request: TokenRequest, max_length: int) -> tuple[tuple[int, ...], int
 
 def plan_rows(requests: Sequence[TokenRequest],
               max_length: int) -> tuple[list[tuple[int, ...]], list[_Placement]]:
-    """Unique input rows and, per request, where its continuation is scored."""
-    rows: list[tuple[int, ...]] = []
-    index: dict[tuple[int, ...], int] = {}
-    placements = []
-    for request in requests:
-        row, first, truncated, beyond = _place(request, max_length)
-        if row not in index:
-            index[row] = len(rows)
-            rows.append(row)
-        placements.append(_Placement(index[row], first, request.continuation, truncated, beyond))
-    return rows, placements
+    """Input rows to run and, per request, where in which row its continuation is scored.
+
+    A row that is a prefix of another row is not run: causal attention gives its positions
+    the same logits inside the longer one (e.g. BoolQ's " no" row is the " yes" row minus one
+    token when " yes" takes two tokens).
+    """
+    placed = [_place(request, max_length) for request in requests]
+    unique = sorted({row for row, *_ in placed})
+    # Sorted lexicographically, a row's extensions follow it directly: cover by the next.
+    cover = list(range(len(unique)))
+    for i in range(len(unique) - 2, -1, -1):
+        if unique[i + 1][:len(unique[i])] == unique[i]:
+            cover[i] = cover[i + 1]
+    kept = sorted(set(cover))
+    index = {k: n for n, k in enumerate(kept)}
+    slot = {row: index[cover[i]] for i, row in enumerate(unique)}
+    placements = [_Placement(slot[row], first, request.continuation, truncated, beyond)
+                  for request, (row, first, truncated, beyond) in zip(requests, placed)]
+    return [unique[k] for k in kept], placements
 
 
 def _round_up(n: int, multiple: int) -> int:

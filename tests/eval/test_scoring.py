@@ -85,22 +85,27 @@ def _random_requests(rng: random.Random, n: int) -> list[TokenRequest]:
     text = lambda k: tuple(rng.randrange(1, VOCAB) for _ in range(k))  # noqa: E731
     requests = [TokenRequest(text(rng.randint(1, 20)), text(rng.randint(1, 10)))
                 for _ in range(n)]
-    shared = text(7)  # a context with single-token choices: one row serves them all
-    return requests + [TokenRequest(shared, (c,)) for c in (5, 6, 7, 8)]
+    shared = text(7)  # single-token choices and a two-token one: one row serves them all
+    return requests + [TokenRequest(shared, (c,)) for c in (5, 6, 7)] + \
+        [TokenRequest(shared, (8, 9))]
 
 
 def test_batching_and_shared_rows_do_not_change_scores():
     torch.manual_seed(0)
     table = torch.randn(VOCAB, VOCAB) * 3
     requests = _random_requests(random.Random(0), 40)
-    rows, _ = plan_rows(requests, max_length=64)
-    assert len(rows) == len(requests) - 3
+    rows, placements = plan_rows(requests, max_length=64)
+    assert len({p.row for p in placements[-4:]}) == 1
+    for request, p in zip(requests, placements):  # every request reads its own tokens
+        row = rows[p.row]
+        assert row[:p.first + 1] == request.context
+        assert row[p.first + 1:p.first + len(request.continuation)] == request.continuation[:-1]
     results = {}
     for budget in (1, 37, 4096):
         scorer = _scorer(table, max_batch_tokens=budget)
         results[budget] = scorer.score(requests)
         if budget == 1:
-            assert scorer.forwards == len(rows)
+            assert scorer.forwards == len(rows) <= len(requests) - 3
     for request, *scores in zip(requests, *results.values()):
         expected = expected_logprob(table, "".join(map(chr, request.context)),
                                     "".join(map(chr, request.continuation)))
