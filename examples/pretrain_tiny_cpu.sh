@@ -3,25 +3,35 @@
 # PathMoE (8 layers, d=128, 8 experts top-2, block size 4, no aux loss) through megatron-core
 # over gloo for a few minutes, print validation perplexity and the run summary.
 # Extra arguments are passed to the trainer (e.g. --routing independent, --train-iters 50).
+# NPROC=2 trains data parallel; with --tensor-/--pipeline-/--expert-model-parallel-size 2 the
+# same run splits the model instead.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-runs/tiny_cpu}
 NPROC=${NPROC:-1}
+MODEL=(
+  --device cpu
+  --num-layers 8 --hidden-size 128 --num-attention-heads 4 --num-query-groups 2
+  --moe-ffn-hidden-size 256 --seq-length 256
+  --num-experts 8 --moe-router-topk 2 --moe-aux-loss-coeff 0
+  --routing path --path-block-size 4
+  --micro-batch-size 8 --global-batch-size 16 --train-iters 150
+  --lr 2e-3 --min-lr 2e-4 --lr-warmup-iters 15
+  --log-interval 25 --eval-interval 75 --eval-iters 8
+)
+# DRY_RUN=1 (or --dry-run): layout, parameter counts and memory estimate only.
+for arg in "$@"; do [[ "$arg" == --dry-run ]] && DRY_RUN=1; done
+if [[ "${DRY_RUN:-0}" == 1 ]]; then
+  exec python -m megatron_pathmoe.training.pretrain "${MODEL[@]}" --dry-run \
+    --dry-run-world-size "$NPROC" --tokenizer-model data/shakespeare/tokenizer.json "$@"
+fi
 mkdir -p "$OUT"
 python -m megatron_pathmoe.data.demo --out-dir runs/data >/dev/null
 OMP_NUM_THREADS=${OMP_NUM_THREADS:-2} torchrun --standalone --nproc_per_node "$NPROC" \
-  -m megatron_pathmoe.training.pretrain \
-  --device cpu \
+  -m megatron_pathmoe.training.pretrain "${MODEL[@]}" \
   --data-path runs/data/shakespeare_train_text_document \
   --valid-data-path runs/data/shakespeare_valid_text_document \
   --tokenizer-model data/shakespeare/tokenizer.json \
-  --num-layers 8 --hidden-size 128 --num-attention-heads 4 --num-query-groups 2 \
-  --moe-ffn-hidden-size 256 --seq-length 256 \
-  --num-experts 8 --moe-router-topk 2 --moe-aux-loss-coeff 0 \
-  --routing path --path-block-size 4 \
-  --micro-batch-size 8 --global-batch-size 16 --train-iters 150 \
-  --lr 2e-3 --min-lr 2e-4 --lr-warmup-iters 15 \
-  --log-interval 25 --eval-interval 75 --eval-iters 8 \
   --summary-json "$OUT/summary.json" "$@"
 python - "$OUT/summary.json" <<'PY'
 import json, sys

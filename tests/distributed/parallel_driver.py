@@ -144,6 +144,22 @@ def replica_difference(chunks, kind: str, group) -> float:
     return _world_max(worst)
 
 
+def estimate_mismatch(chunks, model_cfg) -> tuple[float, float]:
+    """(largest |held - estimated| parameter count of any rank, 1.0 if any chunk's layer numbers
+    differ from the estimate's layout): the dry run's per-rank figures are the built ones."""
+    from megatron.core import parallel_state as ps
+
+    from megatron_pathmoe.model.estimate import chunk_layers, rank_parameters, router_parameters
+    from megatron_pathmoe.parallel import local_layer_numbers
+
+    pp_rank = ps.get_pipeline_model_parallel_rank()
+    held = sum(p.numel() for chunk in chunks for p in chunk.module.parameters())
+    estimate = rank_parameters(model_cfg, pp_rank, router_parameters(model_cfg)).total
+    layers = [sorted(local_layer_numbers(chunk.module)) for chunk in chunks]
+    expected = [list(r) for r in chunk_layers(model_cfg, pp_rank)]
+    return _world_max(abs(held - estimate)), _world_max(float(layers != expected))
+
+
 def _world_max(value: float) -> float:
     tensor = torch.tensor([float(value)], dtype=torch.float64)
     dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
@@ -195,17 +211,28 @@ def run_case(case: dict, spec: dict, workdir: str) -> dict:
 
     from megatron_pathmoe.training.checkpointing import load_checkpoint
 
+    from megatron_pathmoe.parallel import RouterTies
+
     model_cfg = model_config(spec["variants"][case["variant"]], case["layout"])
     train = training_config(case["layout"])
-    chunks, optimizer, scheduler = _setup(model_cfg, train)
+    sync_weights = RouterTies.sync_weights
+    if case.get("without_tie_sync"):  # proves the initial-copy check can fail
+        RouterTies.sync_weights = lambda self: None
     try:
-        load_checkpoint(os.path.join(workdir, case["variant"]), chunks, optimizer, None, model_cfg)
-        if case.get("without_tie_allreduce"):  # proves the tie check can fail
-            chunks[0].module.config.finalize_model_grads_func = finalize_model_grads
+        chunks, optimizer, scheduler = _setup(model_cfg, train)
+    finally:
+        RouterTies.sync_weights = sync_weights
+    try:
+        # Before loading (which writes the same values into every copy): the build's own sync.
         initial_tie_diff, _ = tie_copy_difference(chunks)
+        load_checkpoint(os.path.join(workdir, case["variant"]), chunks, optimizer, None, model_cfg)
+        if case.get("without_tie_allreduce"):  # proves the trained-copy check can fail
+            chunks[0].module.config.finalize_model_grads_func = finalize_model_grads
         losses, norms = _train(chunks, optimizer, scheduler, model_cfg, train)
         tie_diff, spanning = tie_copy_difference(chunks)
-        return {"losses": losses, "grad_norms": norms, "initial_tie_diff": initial_tie_diff,
+        count_diff, layout_diff = estimate_mismatch(chunks, model_cfg)
+        return {"estimate_count_diff": count_diff, "estimate_layout_diff": layout_diff,
+                "losses": losses, "grad_norms": norms, "initial_tie_diff": initial_tie_diff,
                 "tie_diff": tie_diff, "multi_copy_ties": spanning,
                 # Routers are replicated over TP. Experts are never TP-split, so the TP ranks
                 # hold replicas of the same experts: the expert-DP group holds all of them.
