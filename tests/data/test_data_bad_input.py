@@ -52,9 +52,8 @@ GOOD = {"text": "Good morrow, cousin."}
 def test_malformed_json_names_file_and_line(small_docs, tokenizer, tmp_path):
     # Past the first blocks, so earlier data was already written to the temporary files.
     src = write_lines(tmp_path / "bad.jsonl", small_docs[:35] + ['{"text": "unterminated'] + small_docs[35:])
-    for workers in (1, 2):
-        message = _fails(src, tmp_path, tokenizer.path, f"{src}:36: malformed JSON", workers=workers,
-                         block_bytes=20_000)
+    for options in ({"workers": 1}, {"workers": 2}, {"workers": 2, "partitions": 3}):
+        message = _fails(src, tmp_path, tokenizer.path, f"{src}:36: malformed JSON", block_bytes=20_000, **options)
         assert "--on-bad-record skip" in message
 
 

@@ -4,6 +4,7 @@ types, and bytes that do not depend on workers, block size or partitions."""
 from __future__ import annotations
 
 import gzip
+import io
 import json
 import os
 import struct
@@ -16,6 +17,7 @@ import pytest
 from megatron.core.datasets.indexed_dataset import IndexedDataset
 
 from megatron_pathmoe.data import preprocess
+from megatron_pathmoe.data.preprocess import Progress
 
 REPO = Path(__file__).resolve().parents[2]
 CLI = str(REPO / "tools" / "preprocess_data.py")
@@ -171,11 +173,13 @@ def test_other_tokenizer_types_through_the_pipeline(kind, small_jsonl, small_doc
 
 
 def test_cli_tokenizes_merges_and_reports(small_jsonl, tokenizer, tmp_path):
-    base = [sys.executable, CLI, "--tokenizer-model", tokenizer.path, "--append-eod", "--workers", "2"]
+    base = [sys.executable, CLI, "--tokenizer-model", tokenizer.path, "--append-eod", "--workers", "2",
+            "--log-interval", "10"]
     for name in ("a", "b"):
         run = subprocess.run(base + ["--input", small_jsonl, "--output-prefix", str(tmp_path / name)],
                              capture_output=True, text=True)
         assert run.returncode == 0, run.stderr
+        assert "processed 40 documents (" in run.stderr  # stderr is no terminal: plain progress lines
         assert "done: 40 documents (1 empty skipped), " in run.stderr and "tokens/s" in run.stderr
     merged = subprocess.run([sys.executable, CLI, "--merge", str(tmp_path / "a_text_document"),
                              str(tmp_path / "b_text_document"), "--output-prefix", str(tmp_path / "ab")],
@@ -183,6 +187,18 @@ def test_cli_tokenizes_merges_and_reports(small_jsonl, tokenizer, tmp_path):
     assert merged.returncode == 0, merged.stderr
     ds = IndexedDataset(str(tmp_path / "ab"))
     assert len(ds) == 80 and ds[40].tolist() == ds[0].tolist()
+
+
+def test_progress_bar_on_a_terminal():
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    stream = Terminal()
+    progress = Progress(total_bytes=1000, stream=stream, log_interval=1)
+    progress.update(docs=3, tokens=300, nbytes=600)
+    progress.close()
+    assert "60%" in stream.getvalue() and "docs/s" in stream.getvalue() and "tokens/s" in stream.getvalue()
 
 
 def test_cli_help_and_error_exit(small_jsonl, tmp_path):
