@@ -3,8 +3,8 @@
 Builds each variant through the real training stack (megatron DDP, Adam, the forward-backward
 schedule) in one process, on the same random tokens, warms each up, then times interleaved
 rounds (variant A, B, C, ..., A, B, C, ...) so machine noise hits all of them alike. Prints a
-markdown table with the median step time and the ratio to ``independent`` measured in the
-same run. Variants are ``NAME`` or ``NAME:B`` (block size), with NAME a ``--routing`` choice.
+markdown table with the step times and the ratios to ``independent`` measured in the same
+run. Variants are ``NAME`` or ``NAME:B`` (block size), with NAME a ``--routing`` choice.
 
     python benchmarks/routing_step_time.py --rounds 4
     python benchmarks/routing_step_time.py --variants independent path:2 path:4 path:8
@@ -129,19 +129,25 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def print_table(args: argparse.Namespace, device: str, times: dict[str, list[float]]) -> None:
+    """Per variant: the fastest and the median round, and two ratios to independent: of the
+    fastest rounds, and the median over rounds of the ratio within a round (robust on a busy
+    machine, where whole rounds slow down together)."""
     tokens_per_step = args.micro_batch_size * args.seq_length
-    baseline = statistics.median(next(iter(times.values())))
+    baseline = next(iter(times.values()))
     print(f"# step time, {device}, {platform.processor() or platform.machine()}, "
           f"torch {torch.__version__}, threads {torch.get_num_threads()}")
     print(f"# L={args.num_layers} d={args.hidden_size} E={args.num_experts} "
           f"top{args.moe_router_topk} seq={args.seq_length} mbs={args.micro_batch_size}, "
-          f"{args.rounds} rounds x {args.steps_per_round} steps, median (min-max of rounds)")
-    print("| variant | step (ms) | tokens/s | ratio vs independent |")
-    print("|---|---:|---:|---:|")
+          f"{args.rounds} rounds x {args.steps_per_round} steps")
+    print("| variant | step ms, fastest / median round | tokens/s (fastest) "
+          "| ratio vs independent, fastest rounds | median of per-round ratios |")
+    print("|---|---:|---:|---:|---:|")
     for name, values in times.items():
-        med = statistics.median(values)
-        print(f"| {name} | {1000 * med:.1f} ({1000 * min(values):.0f}-{1000 * max(values):.0f}) "
-              f"| {tokens_per_step / med:,.0f} | {med / baseline:.3f} |")
+        fastest = min(values)
+        per_round = statistics.median(v / b for v, b in zip(values, baseline))
+        print(f"| {name} | {1000 * fastest:.0f} / {1000 * statistics.median(values):.0f} "
+              f"| {tokens_per_step / fastest:,.0f} | {fastest / min(baseline):.3f} "
+              f"| {per_round:.3f} |")
 
 
 if __name__ == "__main__":

@@ -158,7 +158,8 @@ class PathMoEConfig:
                  f"layers) and min(--num-experts, --hidden-size) = {max_rank}")
 
     def _validate_depth_state(self) -> None:
-        """State that runs from one layer's router to the next stays on one pipeline stage."""
+        """What one layer's router hands to another (a GRU state, a block's decision or its
+        expert-bias token counts) must stay on one pipeline stage."""
         pp = self.pipeline_model_parallel_size
         _require(self.routing != "recurrent" or pp == 1,
                  "--routing recurrent needs --pipeline-model-parallel-size 1: its GRU state runs "
@@ -170,6 +171,11 @@ class PathMoEConfig:
                  f"--routing mono --path-block-size {self.block_size}: a block would span "
                  f"pipeline stages of {per_chunk} layers, but its first layer's routing decision "
                  "cannot cross stages; use a block size that divides the layers per stage")
+        _require(not self.moe_router_enable_expert_bias or per_chunk % self.block_size == 0,
+                 f"--moe-router-enable-expert-bias with --path-block-size {self.block_size}: a "
+                 f"block spans pipeline stages of {per_chunk} layers, and its shared expert bias "
+                 "would need the token counts of every stage (not implemented); use a block "
+                 "size that divides the layers per stage")
 
     def _validate_path_restriction(self) -> None:
         from megatron_pathmoe.routing.restriction import read_paths_file
