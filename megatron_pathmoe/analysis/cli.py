@@ -150,8 +150,9 @@ def _summary_line(label: str, report: dict) -> str:
     robust = report.get("robustness", {}).get("sweep", [])
     worst = f" | +{robust[-1]['degradation_percent']:.0f}% ppl at p={robust[-1]['p']}" \
         if robust else ""
-    return (f"{label}: ppl {report['perplexity']:.2f} | H {report['path_entropy']['entropy_bits']:.2f}"
-            f" bits, {report['path_entropy']['unique_paths']:,} unique paths | correlation "
+    entropy = report["path_entropy"]
+    return (f"{label}: ppl {report['perplexity']:.2f} | H {entropy['entropy_bits']:.2f} bits, "
+            f"{entropy['unique_paths']:,} unique paths | correlation "
             f"{100 * (report['correlation']['mean_agreement'] or 0):.1f}% | consistency(w=2) "
             f"{100 * windows.get(2, float('nan')):.1f}%{worst}")
 

@@ -126,7 +126,7 @@ def analyze_checkpoint(label: str, checkpoint: str, options: AnalysisOptions) ->
     directory = recording_dir(options.output_dir, label)
     info = {"label": label, "checkpoint": os.path.abspath(checkpoint),
             "iteration": run.iteration, "routing": cfg.routing,
-            "path_block_size": cfg.path_block_size if cfg.routing == "path" else None,
+            "path_block_size": cfg.path_block_size,
             "data": options.data, "seq_length": seq_length}
     loss = record(model, cfg, windows, directory, options.micro_batch_size, info)
     robust = None

@@ -48,21 +48,30 @@ def _lines(ax, reports: dict, x_of: Callable, y_of: Callable, integer_x: bool = 
     ax.legend()
 
 
-def plot_coverage(reports: dict, path: str) -> None:
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(6, 4), layout="constrained")
-    _lines(ax, reports, lambda r: r["coverage"]["top_n"],
-           lambda r: 100 * np.asarray(r["coverage"]["fraction"]), integer_x=False)
-    ax.set_xscale("log")
-    ax.set(xlabel="top-N most frequent paths", ylabel="tokens covered (%)",
-           title="Cumulative token coverage of expert paths")
+def _save(fig, path: str) -> None:
     fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _pyplot().close(fig)
+
+
+def _line_plot(reports: dict, path: str, x_of: Callable, y_of: Callable, *, xlabel: str,
+               ylabel: str, title: str, integer_x: bool = True, log_x: bool = False) -> None:
+    fig, ax = _pyplot().subplots(figsize=(6, 4), layout="constrained")
+    _lines(ax, reports, x_of, y_of, integer_x)
+    if log_x:
+        ax.set_xscale("log")
+    ax.set(xlabel=xlabel, ylabel=ylabel, title=title)
+    _save(fig, path)
+
+
+def plot_coverage(reports: dict, path: str) -> None:
+    _line_plot(reports, path, lambda r: r["coverage"]["top_n"],
+               lambda r: 100 * np.asarray(r["coverage"]["fraction"]),
+               xlabel="top-N most frequent paths", ylabel="tokens covered (%)",
+               title="Cumulative token coverage of expert paths", integer_x=False, log_x=True)
 
 
 def plot_consistency(reports: dict, path: str) -> None:
-    plt = _pyplot()
-    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4), layout="constrained")
+    fig, (left, right) = _pyplot().subplots(1, 2, figsize=(11, 4), layout="constrained")
     _lines(left, reports, lambda r: [int(w) for w in r["consistency"]["by_window"]],
            lambda r: 100 * np.asarray(list(r["consistency"]["by_window"].values())))
     left.set(xlabel="window (consecutive layers)", ylabel="mean Jaccard of aligned top-k sets (%)",
@@ -71,40 +80,31 @@ def plot_consistency(reports: dict, path: str) -> None:
            lambda r: 100 * np.asarray(r["engagement"]["run_length_fraction"]))
     right.set(xlabel="run length (layers with the same aligned top-1 expert)",
               ylabel="runs (%)", title="Sustained engagement")
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(fig, path)
 
 
 def plot_usage_entropy(reports: dict, path: str) -> None:
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(6, 4), layout="constrained")
-    _lines(ax, reports, lambda r: r["layer_numbers"], lambda r: r["usage_entropy_bits"])
-    ax.set(xlabel="layer l", ylabel="entropy of expert usage over layers 1..l (bits)",
-           title="Per-token routing entropy by layer")
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _line_plot(reports, path, lambda r: r["layer_numbers"], lambda r: r["usage_entropy_bits"],
+               xlabel="layer l", ylabel="entropy of expert usage over layers 1..l (bits)",
+               title="Per-token routing entropy by layer")
 
 
 def plot_robustness(reports: dict, path: str) -> None:
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(6, 4), layout="constrained")
     sweep = lambda r: r.get("robustness", {}).get("sweep", [])  # noqa: E731
-    _lines(ax, reports, lambda r: [row["p"] for row in sweep(r)],
-           lambda r: [row["degradation_percent"] for row in sweep(r)], integer_x=False)
-    ax.set(xlabel="probability p of permuting a layer's expert indices",
-           ylabel="perplexity increase (%)", title="Routing robustness")
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _line_plot(reports, path, lambda r: [row["p"] for row in sweep(r)],
+               lambda r: [row["degradation_percent"] for row in sweep(r)],
+               xlabel="probability p of permuting a layer's expert indices",
+               ylabel="perplexity increase (%)", title="Routing robustness", integer_x=False)
 
 
 def _heatmaps(reports: dict, path: str, matrix_of: Callable, title_of: Callable,
               xlabel: str, ylabel: str, xticks: Callable | None, colorbar: str,
               cmap: str) -> None:
-    plt = _pyplot()
     from matplotlib.ticker import MaxNLocator
 
     n = len(reports)
-    fig, axes = plt.subplots(1, n, figsize=(5.5 * n, 4.5), squeeze=False, layout="constrained")
+    fig, axes = _pyplot().subplots(1, n, figsize=(5.5 * n, 4.5), squeeze=False,
+                                   layout="constrained")
     for ax, (label, report) in zip(axes[0], reports.items()):
         matrix = matrix_of(report)
         image = ax.imshow(matrix, aspect="auto", cmap=cmap, interpolation="nearest")
@@ -114,8 +114,7 @@ def _heatmaps(reports: dict, path: str, matrix_of: Callable, title_of: Callable,
             names = xticks(report)
             ax.set_xticks(range(len(names)), names, rotation=90, fontsize=6)
         fig.colorbar(image, ax=ax, label=colorbar)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(fig, path)
 
 
 def plot_categories(reports: dict, path: str) -> None:

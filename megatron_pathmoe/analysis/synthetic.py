@@ -4,9 +4,9 @@ Each token draws its top-k experts at the first layer; at every later layer it k
 previous set with probability ``stay`` (``stay_in_block`` inside a block of ``block_size``
 layers, ``stay`` across block boundaries) and draws a fresh set otherwise. Fresh sets are drawn
 without replacement from a skewed expert popularity (Gumbel top-k over Zipf-like logits scaled
-by ``skew``; 0 = uniform). No router probabilities are synthesised. Every layer then relabels its experts with its own random
+by ``skew``; 0 = uniform). Every layer then relabels its experts with its own random
 permutation, as an independently trained router would, so that only an alignment recovers the
-kept decisions.
+kept decisions. No router probabilities are synthesised.
 """
 
 from __future__ import annotations
