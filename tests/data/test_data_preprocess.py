@@ -17,7 +17,7 @@ import pytest
 from megatron.core.datasets.indexed_dataset import IndexedDataset
 
 from megatron_pathmoe.data import preprocess
-from megatron_pathmoe.data.preprocess import Progress
+from megatron_pathmoe.data.progress import Progress
 
 REPO = Path(__file__).resolve().parents[2]
 CLI = str(REPO / "tools" / "preprocess_data.py")
