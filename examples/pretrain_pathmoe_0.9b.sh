@@ -17,38 +17,17 @@
 # dominate memory; TRANSFORMER_IMPL=transformer_engine (flash attention) fits MBS=4.
 # ROUTING=independent AUX=0.01 gives the paper's Indep-MoE baseline. The paper trains
 # 400k steps at global batch 1024; TRAIN_ITERS/GBS override (e.g. a few hundred steps to
-# measure tokens/s/GPU). TP, PP, VPP, EP, NNODES, NODE_RANK, MASTER_ADDR, MASTER_PORT set other
-# layouts. The paper's text does not give the peak learning rate legibly; LR defaults to 4e-4
-# (state what you use when you compare). Extra arguments go to the trainer.
+# measure tokens/s/GPU). TP, PP, VPP, EP, NNODES, NODE_RANK, MASTER_ADDR, MASTER_PORT and
+# GPUS_PER_NODE (or NPROC) set other layouts. The paper's text does not give the peak learning
+# rate legibly; LR defaults to 4e-4 (state what you use when you compare). Extra arguments go
+# to the trainer.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-NNODES=${NNODES:-1}
-NPROC=${NPROC:-${GPUS_PER_NODE:-8}}
-TP=${TP:-1}
-PARALLEL=(--tensor-model-parallel-size "$TP" --pipeline-model-parallel-size "${PP:-1}"
-          --expert-model-parallel-size "${EP:-1}" --use-distributed-optimizer)
-if [[ -n "${VPP:-}" ]]; then PARALLEL+=(--virtual-pipeline-model-parallel-size "$VPP"); fi
-if (( TP > 1 )); then PARALLEL+=(--sequence-parallel); fi
-ARGS=(
-  --num-layers 24 --hidden-size 1280 --num-attention-heads 20 --num-query-groups 4
-  --moe-ffn-hidden-size "${FFN:-512}" --seq-length 4096
-  --num-experts 16 --moe-router-topk 4 --moe-aux-loss-coeff "${AUX:-0}"
-  --routing "${ROUTING:-path}" --path-block-size "${BLOCK:-4}"
-  --moe-token-dispatcher-type alltoall "${PARALLEL[@]}" --bf16
-  --micro-batch-size "${MBS:-1}" --global-batch-size "${GBS:-1024}"
-  --train-iters "${TRAIN_ITERS:-400000}" --lr "${LR:-4e-4}" --min-lr "${MIN_LR:-4e-5}"
-  --lr-warmup-iters 2000 --lr-decay-style cosine --weight-decay 0.1
-  --adam-beta1 0.9 --adam-beta2 0.95 --clip-grad 1.0
-  --log-interval 10 --eval-interval 2000 --eval-iters 20
-  --transformer-impl "${TRANSFORMER_IMPL:-local}"
-)
-for arg in "$@"; do [[ "$arg" == --dry-run ]] && DRY_RUN=1; done
-if [[ "${DRY_RUN:-0}" == 1 ]]; then
-  exec python -m megatron_pathmoe.training.pretrain "${ARGS[@]}" --dry-run \
-    --dry-run-world-size $((NNODES * NPROC)) --dry-run-vocab-size "${VOCAB_SIZE:-32000}" "$@"
-fi
-: "${DATA:?set DATA to a .bin/.idx prefix}" "${TOKENIZER:?set TOKENIZER to a tokenizer.json}"
-exec torchrun --nnodes "$NNODES" --node-rank "${NODE_RANK:-0}" --nproc-per-node "$NPROC" \
-  --master-addr "${MASTER_ADDR:-127.0.0.1}" --master-port "${MASTER_PORT:-29500}" \
-  -m megatron_pathmoe.training.pretrain "${ARGS[@]}" \
-  --data-path "$DATA" --tokenizer-model "$TOKENIZER" --split 995,5,0 "$@"
+source examples/paper_common.sh
+GPUS_PER_NODE=${GPUS_PER_NODE:-${NPROC:-8}} paper_launch 32000 \
+  --num-layers 24 --hidden-size 1280 --num-attention-heads 20 --num-query-groups 4 \
+  --moe-ffn-hidden-size "${FFN:-512}" --seq-length 4096 \
+  --num-experts 16 --moe-router-topk 4 --moe-aux-loss-coeff "${AUX:-0}" \
+  --routing "${ROUTING:-path}" --path-block-size "${BLOCK:-4}" \
+  --micro-batch-size "${MBS:-1}" --global-batch-size "${GBS:-1024}" \
+  --train-iters "${TRAIN_ITERS:-400000}" --lr "${LR:-4e-4}" --min-lr "${MIN_LR:-4e-5}" "$@"

@@ -26,37 +26,11 @@
 # arguments go to the trainer.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-NNODES=${NNODES:-8}
-GPUS_PER_NODE=${GPUS_PER_NODE:-8}
-NODE_RANK=${NODE_RANK:-0}
-MASTER_ADDR=${MASTER_ADDR:-127.0.0.1}
-MASTER_PORT=${MASTER_PORT:-29500}
-PP=${PP:-2}
-TP=${TP:-1}
-PARALLEL=(--tensor-model-parallel-size "$TP" --pipeline-model-parallel-size "$PP"
-          --expert-model-parallel-size "${EP:-8}" --use-distributed-optimizer)
-if [[ -n "${VPP:-}" ]]; then PARALLEL+=(--virtual-pipeline-model-parallel-size "$VPP"); fi
-if (( TP > 1 )); then PARALLEL+=(--sequence-parallel); fi
-ARGS=(
-  --num-layers 28 --hidden-size 2048 --num-attention-heads 16
-  --moe-ffn-hidden-size "${FFN:-1408}" --seq-length 4096
-  --num-experts 64 --moe-router-topk 6 --moe-aux-loss-coeff "${AUX:-0}"
-  --routing "${ROUTING:-path}" --path-block-size "${BLOCK:-4}"
-  --moe-token-dispatcher-type alltoall "${PARALLEL[@]}" --bf16
-  --micro-batch-size "${MBS:-1}" --global-batch-size "${GBS:-2048}"
-  --train-iters "${TRAIN_ITERS:-200000}" --lr "${LR:-4e-4}" --min-lr "${MIN_LR:-4e-5}"
-  --lr-warmup-iters 2000 --lr-decay-style cosine --weight-decay 0.1
-  --adam-beta1 0.9 --adam-beta2 0.95 --clip-grad 1.0
-  --log-interval 10 --eval-interval 2000 --eval-iters 20
-  --transformer-impl "${TRANSFORMER_IMPL:-local}"
-)
-for arg in "$@"; do [[ "$arg" == --dry-run ]] && DRY_RUN=1; done
-if [[ "${DRY_RUN:-0}" == 1 ]]; then
-  exec python -m megatron_pathmoe.training.pretrain "${ARGS[@]}" --dry-run \
-    --dry-run-world-size $((NNODES * GPUS_PER_NODE)) --dry-run-vocab-size "${VOCAB_SIZE:-50277}" "$@"
-fi
-: "${DATA:?set DATA to a .bin/.idx prefix}" "${TOKENIZER:?set TOKENIZER to a tokenizer.json}"
-exec torchrun --nnodes "$NNODES" --node-rank "$NODE_RANK" --nproc-per-node "$GPUS_PER_NODE" \
-  --master-addr "$MASTER_ADDR" --master-port "$MASTER_PORT" \
-  -m megatron_pathmoe.training.pretrain "${ARGS[@]}" \
-  --data-path "$DATA" --tokenizer-model "$TOKENIZER" --split 995,5,0 "$@"
+source examples/paper_common.sh
+NNODES=${NNODES:-8} PP=${PP:-2} EP=${EP:-8} paper_launch 50277 \
+  --num-layers 28 --hidden-size 2048 --num-attention-heads 16 \
+  --moe-ffn-hidden-size "${FFN:-1408}" --seq-length 4096 \
+  --num-experts 64 --moe-router-topk 6 --moe-aux-loss-coeff "${AUX:-0}" \
+  --routing "${ROUTING:-path}" --path-block-size "${BLOCK:-4}" \
+  --micro-batch-size "${MBS:-1}" --global-batch-size "${GBS:-2048}" \
+  --train-iters "${TRAIN_ITERS:-200000}" --lr "${LR:-4e-4}" --min-lr "${MIN_LR:-4e-5}" "$@"

@@ -220,7 +220,7 @@ def _billions(n: int) -> str:
 
 
 def _ranges(chunks: list[range]) -> str:
-    return ",".join(f"{c.start}-{c.stop - 1}" for c in chunks)
+    return ",".join(f"{c.start}-{c.stop - 1}" if len(c) > 1 else str(c.start) for c in chunks)
 
 
 def format_parameter_report(cfg: PathMoEConfig, counts: ParameterCounts) -> list[str]:
