@@ -19,7 +19,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from megatron_pathmoe.data.encoders import TOKENIZER_TYPES, TokenizerSpec  # noqa: E402
+from megatron_pathmoe.data.encoders import add_tokenizer_arguments, spec_from_arguments  # noqa: E402
 from megatron_pathmoe.data.errors import DataError  # noqa: E402
 from megatron_pathmoe.data.inspection import format_report, inspect_dataset  # noqa: E402
 
@@ -29,11 +29,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=head, epilog="example:\n" + example,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("prefix", nargs="+", help="dataset prefixes (a trailing .bin/.idx is ignored)")
-    parser.add_argument("--tokenizer-type", default="HuggingFaceTokenizer",
-                        help=f"one of {', '.join(TOKENIZER_TYPES)} (default: HuggingFaceTokenizer)")
-    parser.add_argument("--tokenizer-model", help="tokenizer.json or SentencePiece .model: detokenize, check ids")
-    parser.add_argument("--vocab-file", help="GPT-2 vocab.json (GPT2BPETokenizer)")
-    parser.add_argument("--merge-file", help="GPT-2 merges.txt (GPT2BPETokenizer)")
+    add_tokenizer_arguments(parser.add_argument_group("tokenizer (to detokenize and check ids)"))
     parser.add_argument("--documents", type=int, default=1, help="documents to print (default: 1)")
     parser.add_argument("--max-chars", type=int, default=1000, help="characters shown per document")
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
@@ -42,9 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    spec = None
-    if args.tokenizer_model or args.vocab_file:
-        spec = TokenizerSpec(args.tokenizer_type, args.tokenizer_model, args.vocab_file, args.merge_file)
+    spec = spec_from_arguments(args)
     status = 0
     try:
         encoder = spec.load() if spec else None

@@ -28,7 +28,7 @@ import sys
 # Runnable from a checkout without installing the package.
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from megatron_pathmoe.data.encoders import TOKENIZER_TYPES, TokenizerSpec  # noqa: E402
+from megatron_pathmoe.data.encoders import TokenizerSpec, add_tokenizer_arguments, spec_from_arguments  # noqa: E402
 from megatron_pathmoe.data.errors import DataError  # noqa: E402
 from megatron_pathmoe.data.preprocess import (  # noqa: E402
     MAX_DOCUMENT_BYTES, POLICIES, PreprocessConfig, merge_datasets, run_preprocess,
@@ -53,14 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="writes {prefix}_{key}_document.bin/.idx (with --merge: {prefix}.bin/.idx)")
     io.add_argument("--merge", nargs="+", metavar="PREFIX",
                     help="instead of tokenizing, concatenate these datasets (prefixes or folders) in order")
-    tok = parser.add_argument_group("tokenizer")
-    tok.add_argument("--tokenizer-type", default="HuggingFaceTokenizer",
-                     help=f"one of {', '.join(TOKENIZER_TYPES)} (default: HuggingFaceTokenizer)")
-    tok.add_argument("--tokenizer-model", help="tokenizer.json (or its folder), or SentencePiece .model")
-    tok.add_argument("--vocab-file", help="GPT-2 vocab.json (GPT2BPETokenizer)")
-    tok.add_argument("--merge-file", help="GPT-2 merges.txt (GPT2BPETokenizer)")
-    tok.add_argument("--eod-token", help="end-of-document token (default: <|endoftext|>, </s>, ... or the "
-                                         "SentencePiece eos)")
+    add_tokenizer_arguments(parser.add_argument_group("tokenizer"))
     doc = parser.add_argument_group("documents")
     doc.add_argument("--append-eod", action="store_true", help="append the EOD token to every document")
     doc.add_argument("--split-sentences", action="store_true",
@@ -85,8 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _config(args: argparse.Namespace) -> PreprocessConfig:
-    eod = int(args.eod_token) if args.eod_token and args.eod_token.isdigit() else args.eod_token
-    spec = TokenizerSpec(args.tokenizer_type, args.tokenizer_model, args.vocab_file, args.merge_file, eod)
+    spec = spec_from_arguments(args) or TokenizerSpec(args.tokenizer_type)  # load() names the missing flag
     return PreprocessConfig(
         inputs=args.input, output_prefix=args.output_prefix, tokenizer=spec, input_format=args.input_format,
         json_keys=tuple(args.json_keys), append_eod=args.append_eod, split_sentences=args.split_sentences,

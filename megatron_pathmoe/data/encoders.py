@@ -90,6 +90,25 @@ class TokenizerSpec:
         return path
 
 
+def add_tokenizer_arguments(group) -> None:
+    """The Megatron-LM tokenizer flags, on an argparse parser or argument group."""
+    group.add_argument("--tokenizer-type", default=HF_TYPE,
+                       help=f"one of {', '.join(TOKENIZER_TYPES)} (default: {HF_TYPE})")
+    group.add_argument("--tokenizer-model", help="tokenizer.json (or its folder), or SentencePiece .model")
+    group.add_argument("--vocab-file", help="GPT-2 vocab.json (GPT2BPETokenizer)")
+    group.add_argument("--merge-file", help="GPT-2 merges.txt (GPT2BPETokenizer)")
+    group.add_argument("--eod-token", help="end-of-document token or id (default: <|endoftext|>, </s>, "
+                                           "<|end_of_text|>, <eos>; the SentencePiece eos)")
+
+
+def spec_from_arguments(args) -> TokenizerSpec | None:
+    """The ``TokenizerSpec`` the flags of ``add_tokenizer_arguments`` name; None when no file is given."""
+    if not (args.tokenizer_model or args.vocab_file or args.merge_file):
+        return None
+    eod = int(args.eod_token) if args.eod_token and args.eod_token.isdigit() else args.eod_token
+    return TokenizerSpec(args.tokenizer_type, args.tokenizer_model, args.vocab_file, args.merge_file, eod)
+
+
 def tokenizer_file_error(flag: str, path: str, reason: str) -> DataError:
     return DataError(
         f"cannot load tokenizer {path!r} (from {flag}): {reason}; pass a Hugging Face "
