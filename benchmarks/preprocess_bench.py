@@ -11,7 +11,9 @@ Candidate: ``run_preprocess`` (blocks of ~256 KiB per task, batched ``encode_bat
 workers, numpy arrays back, a streaming index writer).
 
 Both use the same corpus, tokenizer and number of workers; rounds are interleaved so machine
-noise hits both alike; both outputs are checked to be byte-identical.
+noise hits both alike; both outputs are checked to be byte-identical. Besides wall-clock
+tokens/s, the table gives tokens per CPU-second (main process and workers together), which a
+machine shared with other jobs distorts much less.
 
     python benchmarks/preprocess_bench.py --workers 2 --corpus-mb 8 --rounds 3
 """
@@ -24,6 +26,7 @@ import json
 import multiprocessing
 import os
 import platform
+import resource
 import statistics
 import sys
 import tempfile
@@ -118,6 +121,12 @@ def run_candidate(corpus: str, prefix: str, tokenizer_path: str, workers: int) -
     return run_preprocess(cfg)["tokens"]
 
 
+def _cpu_seconds() -> float:
+    """CPU time of this process and of its finished children (pool workers are joined)."""
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+
+
 def main() -> None:
     args = parse_args()
     import megatron.core.datasets.indexed_dataset  # noqa: F401  (import cost outside the timings)
@@ -127,13 +136,15 @@ def main() -> None:
         docs, size = make_corpus(args.source, args.corpus_mb, Path(corpus))
         variants = {"megatron-lm style (baseline)": run_baseline, "tools/preprocess_data.py": run_candidate}
         times: dict[str, list[float]] = {name: [] for name in variants}
+        cpu: dict[str, list[float]] = {name: [] for name in variants}
         tokens: dict[str, int] = {}
         for r in range(args.rounds):
             for name, fn in variants.items():
                 prefix = str(Path(tmp) / f"{'base' if fn is run_baseline else 'cand'}{r}")
-                start = time.perf_counter()
+                start, start_cpu = time.perf_counter(), _cpu_seconds()
                 tokens[name] = fn(corpus, prefix, args.tokenizer_model, args.workers)
                 times[name].append(time.perf_counter() - start)
+                cpu[name].append(_cpu_seconds() - start_cpu)
         identical = all(
             Path(output_prefix_for(str(Path(tmp) / f"base{r}"), "text") + ext).read_bytes()
             == Path(output_prefix_for(str(Path(tmp) / f"cand{r}"), "text") + ext).read_bytes()
@@ -143,12 +154,13 @@ def main() -> None:
     print(f"machine: {platform.node()} ({os.cpu_count()} CPUs, {platform.processor() or platform.machine()}), "
           f"python {platform.python_version()}; corpus {size / 2**20:.1f} MiB jsonl, {docs:,} documents, "
           f"{tokens[base_name]:,} tokens; workers={args.workers}; {args.rounds} interleaved rounds (median)")
-    print("| variant | seconds | tokens/s | ratio vs baseline |")
-    print("|---|---:|---:|---:|")
-    base = statistics.median(times[base_name])
+    print("| variant | wall s | tokens/s | ratio | CPU s | tokens/CPU-s | ratio |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
+    base, base_cpu = statistics.median(times[base_name]), statistics.median(cpu[base_name])
     for name in variants:
-        t = statistics.median(times[name])
-        print(f"| {name} | {t:.2f} | {tokens[name] / t:,.0f} | {base / t:.2f} |")
+        t, c = statistics.median(times[name]), statistics.median(cpu[name])
+        print(f"| {name} | {t:.2f} | {tokens[name] / t:,.0f} | {base / t:.2f} | {c:.2f} | {tokens[name] / c:,.0f} "
+              f"| {base_cpu / c:.2f} |")
     print(f"outputs byte-identical: {identical}")
 
 
