@@ -142,7 +142,7 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--atol", type=float, default=1e-3,
                         help="largest allowed per-request log-likelihood difference (nats)")
     parser.add_argument("--work-dir", default=None,
-                        help="keep the HF export, lm-eval tasks and outputs here (default: a "
+                        help="keep the HF export, lm-eval tasks and outputs here (None: a "
                              "temporary directory)")
     parser.add_argument("--output-json", default=None, help="write the comparison here")
     return parser.parse_args(argv)
