@@ -85,7 +85,8 @@ def _json_texts(record: bytes, keys: Sequence[str]) -> list[list[str]] | None:
         obj = json.loads(text)
     except json.JSONDecodeError as err:
         raise BadRecord("malformed JSON", f"malformed JSON ({err.msg} at column {err.colno}); "
-                                          f"{_HINT_JSON}: fix or delete that line") from None
+                                          f"{_HINT_JSON}: fix or delete that line (plain text needs "
+                                          "--input-format text-file or text-paragraph)") from None
     if not isinstance(obj, dict):
         raise BadRecord("not a JSON object", f"expected a JSON object, got {type(obj).__name__}; {_HINT_JSON}")
     out = []
