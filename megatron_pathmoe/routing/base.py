@@ -128,7 +128,7 @@ class PathMoERouter(TopKRouter):
     """Megatron's ``TopKRouter`` plus the PathMoE router interface (see module docstring).
 
     Subclasses change how logits are computed (``gating``) or what is shared, never megatron's
-    top-k, aux-loss, z-loss or expert-bias code.
+    top-k, aux-loss, z-loss or expert-bias code (whose token count only runs eagerly here).
     """
 
     variant = "independent"
@@ -171,6 +171,18 @@ class PathMoERouter(TopKRouter):
         if self.training:
             self.last_routing_entropy = routing_entropy_sum(logits, self.score_function)
         return super().routing(logits, padding_mask=padding_mask)
+
+    def _apply_expert_bias(self, routing_map: torch.Tensor,
+                           padding_mask: torch.Tensor | None = None) -> None:
+        """megatron-core's expert-bias token count, run eagerly. megatron wraps it in
+        ``torch.compile`` (``jit_fuser``), which guards on ``self`` and so compiles once per
+        router, and on the CPU platform runs inductor (seconds per layer) whose cache key
+        probes CUDA device properties; the body is one masked sum either way."""
+        if self.enable_expert_bias and torch.is_grad_enabled():
+            with torch.no_grad():
+                if padding_mask is not None:
+                    routing_map = routing_map & (~padding_mask)
+                self.local_tokens_per_expert += routing_map.sum(dim=0)
 
     def export_gate_weight(self) -> torch.Tensor:
         """[experts, hidden] fp32 ``W`` such that ``logits = x @ W.T`` equals this router's."""

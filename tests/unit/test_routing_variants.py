@@ -257,7 +257,10 @@ def test_expert_bias_and_counts_are_aggregated_per_block(megatron_world1):
     moved once per global batch by megatron's own update."""
     from megatron.core.distributed.finalize_model_grads import _update_router_expert_bias
 
+    from megatron_pathmoe.platform import clear_unhandled_cuda_calls, unhandled_cuda_calls
+
     model = _expert_bias_model("path", path_block_size=4)
+    clear_unhandled_cuda_calls()
     per_layer = {}
     handles = [r.register_forward_hook(
         lambda m, i, out: per_layer.__setitem__(m.layer_number, out[1].sum(0).float()))
@@ -265,6 +268,7 @@ def test_expert_bias_and_counts_are_aggregated_per_block(megatron_world1):
     loss_of(model).backward()
     for h in handles:
         h.remove()
+    assert not unhandled_cuda_calls(), "the expert-bias count must stay off CUDA code paths"
     rs = routers(model)
     for block in (0, 1):
         owner = rs[4 * block]
