@@ -109,8 +109,6 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--moe-router-pre-softmax", default=m.moe_router_pre_softmax,
                    action=argparse.BooleanOptionalAction,
                    help="softmax over all experts before top-k (paper eq. 3.1-3.2)")
-    g.add_argument("--moe-token-dispatcher-type", choices=DISPATCHER_CHOICES,
-                   default=m.moe_token_dispatcher_type)
     g.add_argument("--moe-router-score-function", choices=SCORE_FUNCTION_CHOICES,
                    default=m.moe_router_score_function)
     g.add_argument("--moe-router-enable-expert-bias", action="store_true",
@@ -120,6 +118,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "block")
     g.add_argument("--moe-router-bias-update-rate", type=float,
                    default=m.moe_router_bias_update_rate)
+    g.add_argument("--moe-token-dispatcher-type", choices=DISPATCHER_CHOICES,
+                   default=m.moe_token_dispatcher_type)
     g.add_argument("--routing", choices=ROUTING_CHOICES, default=m.routing,
                    help="independent = Indep-MoE (a TopKRouter per layer); path = PathB{B}-MoE "
                         "(one router per block of --path-block-size layers; B = num-layers is "
