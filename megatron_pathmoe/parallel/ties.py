@@ -90,8 +90,6 @@ class RouterTies:
     """This rank's tied router parameters and the process groups that keep them in sync."""
 
     ties: list[_LocalTie] = field(default_factory=list)
-    # key -> sorted pipeline ranks holding it (the same on every rank); for reports and tests.
-    holders: dict[str, tuple[int, ...]] = field(default_factory=dict)
 
     @classmethod
     def build(cls, chunks: list[torch.nn.Module]) -> "RouterTies":
@@ -101,10 +99,8 @@ class RouterTies:
         local = _collect_local(chunks)
         holders = _pipeline_holders(set(local))
         my_groups = _create_groups(holders)
-        ties = [_LocalTie(key, copies, canonical, my_groups.get(key))
-                for key, (copies, canonical) in sorted(local.items())]
-        pp_holders = {key: tuple(sorted({pp for _, pp in where})) for key, where in holders.items()}
-        return cls(ties=ties, holders=pp_holders)
+        return cls([_LocalTie(key, copies, canonical, my_groups.get(key))
+                    for key, (copies, canonical) in sorted(local.items())])
 
     # ----------------------------------------------------------------------- megatron tags
 
@@ -186,38 +182,35 @@ def _collect_local(chunks: list[torch.nn.Module]) -> dict[str, tuple[list, Any]]
     return local
 
 
-def _pipeline_holders(my_keys: set[str]) -> dict[str, list[tuple[tuple[int, ...], int]]]:
-    """key -> [(pipeline group ranks, pipeline rank)] of every rank holding it (all ranks)."""
+Holders = dict[str, dict[tuple[int, ...], list[int]]]
+
+
+def _pipeline_holders(my_keys: set[str]) -> Holders:
+    """key -> {pipeline group (its global ranks): global ranks in it holding the key}, the
+    same on every rank."""
     from megatron.core import parallel_state as ps
 
-    pp_group = ps.get_pipeline_model_parallel_group()
-    record = (tuple(dist.get_process_group_ranks(pp_group)),
-              ps.get_pipeline_model_parallel_rank(), sorted(my_keys))
+    pipeline = tuple(dist.get_process_group_ranks(ps.get_pipeline_model_parallel_group()))
     records: list = [None] * dist.get_world_size()
-    dist.all_gather_object(records, record)
-    holders: dict[str, list[tuple[tuple[int, ...], int]]] = {}
-    for pp_ranks, pp_rank, keys in records:
+    dist.all_gather_object(records, (pipeline, dist.get_rank(), sorted(my_keys)))
+    holders: Holders = {}
+    for pipeline, rank, keys in records:
         for key in keys:
-            holders.setdefault(key, []).append((pp_ranks, pp_rank))
+            holders.setdefault(key, {}).setdefault(pipeline, []).append(rank)
     return holders
 
 
-def _create_groups(holders: dict[str, list[tuple[tuple[int, ...], int]]]) -> dict[str, Any]:
+def _create_groups(holders: Holders) -> dict[str, Any]:
     """One group per (tie, pipeline group) holding it on several stages; every rank creates
     all of them in sorted order (torch requires it), each keeps the ones it belongs to."""
     from megatron.core import parallel_state as ps
 
-    me = dist.get_rank()
     mine: dict[str, Any] = {}
     for key in sorted(holders):
-        by_pipeline: dict[tuple[int, ...], set[int]] = {}
-        for pp_ranks, pp_rank in holders[key]:
-            by_pipeline.setdefault(pp_ranks, set()).add(pp_ranks[pp_rank])
-        for pp_ranks in sorted(by_pipeline):
-            ranks = sorted(by_pipeline[pp_ranks])
-            if len(ranks) < 2:
-                continue
-            group = ps.create_group(ranks, group_desc="PATHMOE_ROUTER_TIE")
-            if me in ranks:
-                mine[key] = group
+        for pipeline in sorted(holders[key]):
+            ranks = sorted(holders[key][pipeline])
+            if len(ranks) > 1:
+                group = ps.create_group(ranks, group_desc="PATHMOE_ROUTER_TIE")
+                if dist.get_rank() in ranks:
+                    mine[key] = group
     return mine
