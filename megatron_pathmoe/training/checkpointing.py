@@ -52,7 +52,7 @@ CHANGEABLE_FIELDS = frozenset({
     "sequence_parallel", "virtual_pipeline_model_parallel_size",
     "num_layers_per_virtual_pipeline_stage", "moe_token_dispatcher_type",
     "attention_dropout", "hidden_dropout", "moe_aux_loss_coeff", "moe_z_loss_coeff",
-    "moe_router_bias_update_rate", "moe_path_restriction",
+    "moe_router_bias_update_rate", "moe_path_restriction", "moe_path_restriction_top_k",
 })
 
 

@@ -286,7 +286,12 @@ def pretrain(model_cfg: PathMoEConfig, train: TrainingConfig, device: str) -> Ru
     from megatron_pathmoe.ops import install_permute_impl
     from megatron_pathmoe.parallel.layout import describe_layout
     from megatron_pathmoe.training.faults import FaultInjector, NonFiniteGuard
-    from megatron_pathmoe.training.metrics import ExpertLoadTracker, format_load, pop_aux_losses
+    from megatron_pathmoe.training.metrics import (
+        ExpertLoadTracker,
+        format_entropy,
+        format_load,
+        pop_aux_losses,
+    )
 
     initialize_distributed(model_cfg, train, device)
     world = dist.get_world_size()
@@ -351,6 +356,8 @@ def pretrain(model_cfg: PathMoEConfig, train: TrainingConfig, device: str) -> Ru
                 f"{1000 * elapsed / window_iters:.0f} ms/iter"
                 f"{' | skipped' if result.skipped else ''}")
             log(f"    expert load max/min vs uniform: {format_load(load)}")
+            log(f"    routing entropy / ln(E): "
+                f"{format_entropy(tracker.pop_entropy(), model_cfg.num_experts)}")
             window_start, window_iters, aux_sums = time.perf_counter(), 0, {}
         if train.eval_interval and iteration % train.eval_interval == 0 \
                 and iteration != train.train_iters:

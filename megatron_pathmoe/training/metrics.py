@@ -38,10 +38,13 @@ class ExpertLoadTracker:
             return
         _, routing_map = output
         row = router.layer_number - 1
-        self.counts[row] += routing_map.detach().sum(0).to(device="cpu", dtype=torch.float64)
+        if self.counts.device != routing_map.device:  # accumulate where routing runs: no sync
+            self.counts = self.counts.to(routing_map.device)
+            self.entropy = self.entropy.to(routing_map.device)
+        self.counts[row] += routing_map.detach().sum(0).to(torch.float64)
         stats = getattr(router, "last_routing_entropy", None)
         if stats is not None:
-            self.entropy[row] += stats.to(device="cpu", dtype=torch.float64)
+            self.entropy[row] += stats.detach().to(self.entropy.device, torch.float64)
             router.last_routing_entropy = None
 
     def pop_load(self) -> torch.Tensor:
