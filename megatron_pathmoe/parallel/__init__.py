@@ -7,7 +7,6 @@ from megatron_pathmoe.parallel.ties import (
     is_canonical_copy,
     is_tie_writer,
     local_layer_numbers,
-    tied_parameters,
 )
 
 __all__ = [
@@ -16,5 +15,4 @@ __all__ = [
     "is_tie_writer",
     "local_layer_numbers",
     "reduce_expert_grads_over_expert_dp",
-    "tied_parameters",
 ]

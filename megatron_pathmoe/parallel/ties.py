@@ -28,6 +28,8 @@ from typing import Any, Callable, Iterable
 import torch
 import torch.distributed as dist
 
+from megatron_pathmoe.routing import tied_router_parameters
+
 TIE_ATTR = "pathmoe_tie"
 TIE_LAYERS_ATTR = "pathmoe_tie_layers"
 
@@ -42,20 +44,6 @@ def local_layer_numbers(model: torch.nn.Module) -> set[int]:
     """Global 1-based numbers of the decoder layers in one (unwrapped) model chunk."""
     decoder = getattr(_unwrap(model), "decoder", None)
     return {layer.layer_number for layer in getattr(decoder, "layers", [])}
-
-
-def tied_parameters(model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
-    """Tie key -> this chunk's copy, for every router Parameter shared by several layers."""
-    ties: dict[str, torch.nn.Parameter] = {}
-    for param in _unwrap(model).parameters():
-        key = getattr(param, TIE_ATTR, None)
-        if key is None:
-            continue
-        if key in ties and ties[key] is not param:
-            raise ValueError(f"two Parameters of one model chunk carry tie key {key!r}; a "
-                             "router variant must register one Parameter per tie and stage")
-        ties[key] = param
-    return ties
 
 
 def is_canonical_copy(model: torch.nn.Module, param: torch.nn.Parameter) -> bool:
@@ -173,7 +161,7 @@ def _collect_local(chunks: list[torch.nn.Module]) -> dict[str, tuple[list, Any]]
     """key -> (copies in chunk order, canonical copy or None) for this rank."""
     local: dict[str, tuple[list, Any]] = {}
     for chunk in chunks:
-        for key, param in tied_parameters(chunk).items():
+        for key, param in tied_router_parameters(_unwrap(chunk)).items():
             copies, canonical = local.get(key, ([], None))
             copies.append(param)
             if is_canonical_copy(chunk, param):

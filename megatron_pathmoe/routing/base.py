@@ -26,7 +26,7 @@ Routers keep megatron's forward contract (``probs`` [tokens, experts] dense, ``r
 
 from __future__ import annotations
 
-from typing import Any, Iterable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -215,9 +215,15 @@ class RouterBuilder:
         return self.router_class(config, pg_collection, build=self)
 
 
-def tied_router_parameters(model: torch.nn.Module | Iterable[torch.nn.Module]
-                           ) -> dict[str, torch.nn.Parameter]:
-    """This rank's Parameters shared by several layers' routers, by ``pathmoe_tie`` key."""
-    chunks = [model] if isinstance(model, torch.nn.Module) else list(model)
-    return {p.pathmoe_tie: p for chunk in chunks for p in chunk.parameters()
-            if hasattr(p, "pathmoe_tie")}
+def tied_router_parameters(model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
+    """This model chunk's Parameters shared by several layers' routers, by ``pathmoe_tie``
+    key (a DDP wrapper is looked through). One chunk registers one Parameter per tie."""
+    ties: dict[str, torch.nn.Parameter] = {}
+    for param in getattr(model, "module", model).parameters():
+        key = getattr(param, "pathmoe_tie", None)
+        if key is None:
+            continue
+        if ties.setdefault(key, param) is not param:
+            raise ValueError(f"two Parameters of one model chunk carry tie key {key!r}; a "
+                             "router variant must register one Parameter per tie and stage")
+    return ties

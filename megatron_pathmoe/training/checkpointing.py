@@ -72,6 +72,7 @@ class RunConfig:
     training: dict = field(default_factory=dict)
     parallel: dict = field(default_factory=dict)
     has_optimizer: bool = True
+    optimizer_sharding: str = "dp_reshardable"
 
 
 # --------------------------------------------------------------------------- paths
@@ -152,7 +153,8 @@ def read_run_config(path: str) -> RunConfig:
         tokenizer_sha256=record["tokenizer"]["sha256"],
         consumed_samples=int(record.get("consumed_samples", 0)),
         training=record.get("training", {}), parallel=record.get("parallel", {}),
-        has_optimizer=bool(record.get("has_optimizer", True)))
+        has_optimizer=bool(record.get("has_optimizer", True)),
+        optimizer_sharding=record.get("optimizer_sharding", "dp_reshardable"))
 
 
 def file_sha256(path: str) -> str:
@@ -182,11 +184,6 @@ def _unwrap(chunk: torch.nn.Module) -> torch.nn.Module:
     return getattr(chunk, "module", chunk)
 
 
-def _local_layer_numbers(model: torch.nn.Module) -> set[int]:
-    decoder = getattr(model, "decoder", None)
-    return {layer.layer_number for layer in getattr(decoder, "layers", [])}
-
-
 def _store_ties_once(sharded: dict, model: torch.nn.Module) -> dict:
     """Re-key router parameters shared across layers to one ``pathmoe_ties.<key>`` entry.
 
@@ -197,14 +194,14 @@ def _store_ties_once(sharded: dict, model: torch.nn.Module) -> dict:
     """
     from megatron.core.dist_checkpointing.mapping import ShardedTensor
 
-    tied = {id(p): p for p in model.parameters() if hasattr(p, "pathmoe_tie")}
-    if not tied:
-        return sharded
-    local_layers = _local_layer_numbers(model)
+    from megatron_pathmoe.parallel import is_canonical_copy
+    from megatron_pathmoe.routing import tied_router_parameters
+
+    tied = {id(p): p for p in tied_router_parameters(model).values()}
     for name, value in sharded.items():
         if isinstance(value, ShardedTensor) and id(value.data) in tied:
             param = tied[id(value.data)]
-            writer = min(param.pathmoe_tie_layers) in local_layers
+            writer = is_canonical_copy(model, param)
             replica = value.replica_id if isinstance(value.replica_id, tuple) else (value.replica_id,)
             sharded[name] = ShardedTensor.from_rank_offsets(
                 TIE_KEY_PREFIX + param.pathmoe_tie, param, replica_id=(0 if writer else 1, *replica))
@@ -265,10 +262,14 @@ def current_layout() -> dict:
 
 
 def _full_state(chunks: list, optimizer: Any, scheduler: Any, *, is_loading: bool,
-                with_rng: bool) -> dict:
+                with_rng: bool, optimizer_sharding: str = "dp_reshardable") -> dict:
     state = _model_sharded_state(chunks)
     if optimizer is not None:
-        state["optimizer"] = optimizer.sharded_state_dict(state, is_loading=is_loading)
+        # Distributed optimizer only: dp_reshardable writes each rank's buckets (fast; loads
+        # into another DP size, not another TP/PP/EP layout).
+        state["optimizer"] = optimizer.sharded_state_dict(
+            state, is_loading=is_loading,
+            metadata={"distrib_optim_sharding_type": optimizer_sharding})
     if scheduler is not None:
         state["opt_param_scheduler"] = scheduler.state_dict()
     if with_rng:
@@ -286,6 +287,9 @@ class CheckpointMeta:
     tokenizer_path: str
     consumed_samples: int = 0
     training: dict = field(default_factory=dict)
+    # Distributed optimizer state format. megatron-core 0.16.1's "fully_reshardable" fails to
+    # load with torch's Adam (no apex/TE: a KeyError on "step"), so only dp_reshardable is used.
+    optimizer_sharding: str = "dp_reshardable"
 
 
 def _rank0() -> bool:
@@ -310,7 +314,7 @@ def _run_record(meta: CheckpointMeta, iteration: int, has_optimizer: bool) -> di
     import megatron.core
 
     return {"format": FORMAT_NAME, "version": FORMAT_VERSION, "iteration": iteration,
-            "has_optimizer": has_optimizer,
+            "has_optimizer": has_optimizer, "optimizer_sharding": meta.optimizer_sharding,
             "consumed_samples": meta.consumed_samples, "model": meta.model.to_dict(),
             "training": meta.training, "parallel": current_layout(),
             "tokenizer": {"file": TOKENIZER_FILE, "source": os.path.abspath(meta.tokenizer_path),
@@ -335,7 +339,8 @@ def save_checkpoint(root: str, iteration: int, chunks: list, optimizer: Any, sch
         shutil.rmtree(tmp, ignore_errors=True)  # left by an interrupted save
         os.makedirs(tmp)
     _barrier()
-    state = _full_state(chunks, optimizer, scheduler, is_loading=False, with_rng=True)
+    state = _full_state(chunks, optimizer, scheduler, is_loading=False, with_rng=True,
+                        optimizer_sharding=meta.optimizer_sharding)
     dist_checkpointing.save(state, tmp)  # ends with a barrier: every rank's shards are written
     if before_publish is not None:
         before_publish()
@@ -386,9 +391,14 @@ def load_checkpoint(path: str, chunks: list, optimizer: Any, scheduler: Any,
     check_compatible(run.model, model_cfg, f"--load {ckpt}")
     same_layout = run.parallel == current_layout()
     has_optimizer = run.has_optimizer
+    placeholders = _give_fresh_distributed_optimizer_a_step(optimizer) \
+        if optimizer is not None and has_optimizer else []
     state = _full_state(chunks, optimizer if has_optimizer else None,
                         scheduler if has_optimizer else None, is_loading=True,
-                        with_rng=same_layout and has_optimizer)
+                        with_rng=same_layout and has_optimizer,
+                        optimizer_sharding=run.optimizer_sharding)
+    for param_state in placeholders:  # the loaded state brings its own step
+        param_state.pop("step", None)
     optimizer_loaded = "optimizer" in state and _optimizer_layout_matches(state["optimizer"], ckpt)
     if "optimizer" in state and not optimizer_loaded:
         del state["optimizer"]
@@ -399,10 +409,11 @@ def load_checkpoint(path: str, chunks: list, optimizer: Any, scheduler: Any,
     for key, chunk in zip(_model_keys(chunks), chunks):
         _unwrap(chunk).load_state_dict(loaded[key], strict=True)
     if optimizer is not None:
-        if optimizer_loaded:
-            optimizer.load_state_dict(loaded["optimizer"])
-        else:  # main (fp32 / sharded) params must follow the loaded model weights
-            optimizer.reload_model_params()
+        with torch.no_grad():  # the distributed optimizer's main params may view model params
+            if optimizer_loaded:
+                optimizer.load_state_dict(loaded["optimizer"])
+            else:  # main (fp32 / sharded) params must follow the loaded model weights
+                optimizer.reload_model_params()
     if scheduler is not None and has_optimizer:
         scheduler.load_state_dict(loaded["opt_param_scheduler"])
     if "rng_state" in loaded:
@@ -411,14 +422,34 @@ def load_checkpoint(path: str, chunks: list, optimizer: Any, scheduler: Any,
                        checkpoint_dir=ckpt, rng_restored="rng_state" in loaded)
 
 
+def _give_fresh_distributed_optimizer_a_step(optimizer: Any) -> list[dict]:
+    """megatron-core 0.16.1's distributed optimizer reads the common Adam ``step`` from its
+    state while building the state dict to load into (without apex/TE), which a fresh
+    optimizer does not have yet: allocate its state as megatron does and add placeholder
+    steps. Returns the per-parameter states that got one (to drop before loading)."""
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    placeholders = []
+    for sub in getattr(optimizer, "chained_optimizers", [optimizer]):
+        if isinstance(sub, DistributedOptimizer) and sub.init_state_fn is not None:
+            sub.init_state_fn(sub.optimizer, sub.config)
+            for param_state in sub.optimizer.state.values():
+                if "step" not in param_state:
+                    param_state["step"] = torch.tensor(0.0)
+                    placeholders.append(param_state)
+    return placeholders
+
+
 def _optimizer_layout_matches(optimizer_state: dict, ckpt: str) -> bool:
-    """Whether every optimizer tensor this run asks for exists in the checkpoint. TP/PP/DP
-    changes keep the keys (megatron reshards them); a different optimizer structure does not."""
-    from megatron.core import dist_checkpointing
+    """Whether every optimizer entry this run asks for exists in the checkpoint. TP/PP/DP
+    changes keep the keys of a plain or fully reshardable optimizer state (megatron reshards
+    them); a different optimizer structure, or dp_reshardable buckets of another TP/PP/EP
+    layout, do not."""
     from megatron.core.dist_checkpointing.dict_utils import nested_values
     from megatron.core.dist_checkpointing.mapping import ShardedBase
+    from megatron.core.dist_checkpointing.serialization import load_sharded_metadata
 
-    saved = set(dist_checkpointing.load_tensors_metadata(ckpt))
+    saved = {v.key for v in nested_values(load_sharded_metadata(ckpt))}
     wanted = {v.key for v in nested_values(optimizer_state) if isinstance(v, ShardedBase)}
     return wanted <= saved
 

@@ -227,3 +227,20 @@ def test_checkpoint_reshards_between_layouts(demo_data, reference, tmp_path, lay
            str(tmp_path / "ck"))
     assert _summary(back)["valid_loss"] == pytest.approx(_summary(saved)["valid_loss"],
                                                          rel=1e-5)
+
+
+
+def test_block_spanning_pipeline_stages_is_stored_once_and_reshards(demo_data, tmp_path):
+    """PathB4 over 4 layers at PP2: the block's router lives on both stages but is one
+    checkpoint entry, which loads into one process with the same validation loss."""
+    from megatron.core.dist_checkpointing.serialization import load_tensors_metadata
+
+    path = ["--routing", "path", "--path-block-size", "4", "--train-iters", "2"]
+    saved, back = tmp_path / "saved.json", tmp_path / "back.json"
+    _train(demo_data, saved, *path, "--save", str(tmp_path / "ck"),
+           "--pipeline-model-parallel-size", "2", nproc=2)
+    keys = set(load_tensors_metadata(resolve_checkpoint_dir(str(tmp_path / "ck"))))
+    assert "pathmoe_ties.path.block0.weight" in keys
+    assert not any(k.startswith("decoder.layers.mlp.router") for k in keys)
+    _train(demo_data, back, *path, "--load", str(tmp_path / "ck"))
+    assert _summary(back)["valid_loss"] == pytest.approx(_summary(saved)["valid_loss"], rel=1e-5)
