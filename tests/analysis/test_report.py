@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -119,3 +120,33 @@ def test_expert_paths_checks_shapes():
     with pytest.raises(ValueError, match="tokens/positions"):
         ExpertPaths(np.zeros((1, 1, 3), np.uint8), None, np.zeros(2, np.int32),
                     np.zeros(3, np.int32), 4, (1,))
+
+
+def test_token_stream_from_text_jsonl_and_indexed_data(demo_data, tmp_path):
+    from megatron_pathmoe.analysis.forward import TokenWindows, read_token_stream
+    from megatron_pathmoe.data import load_tokenizer, token_stream
+
+    tokenizer = load_tokenizer(demo_data["tokenizer"])
+    text = "To be, or not to be: that is the question.\nWhether 'tis nobler in the mind\n"
+    (tmp_path / "a.txt").write_text(text)
+    (tmp_path / "a.jsonl").write_text(json.dumps({"text": "To be"}) + "\n\n"
+                                      + json.dumps({"text": "or not"}) + "\n")
+    assert read_token_stream(str(tmp_path / "a.txt"), 1000, tokenizer).tolist() == \
+        tokenizer.tokenize(text)
+    assert read_token_stream(str(tmp_path / "a.jsonl"), 1000, tokenizer).tolist() == \
+        tokenizer.tokenize("To be") + [tokenizer.eod] + tokenizer.tokenize("or not") + \
+        [tokenizer.eod]
+    indexed = read_token_stream(demo_data["valid_prefix"], 300, tokenizer)
+    assert indexed.tolist() == token_stream(demo_data["valid_prefix"])[:300].tolist()
+    windows = TokenWindows.from_stream(indexed, 64, "x")  # 300 tokens: 4 sequences + 1 label
+    assert windows.num_samples == 4 and windows.num_tokens == 256
+    batch = windows.batch(None, 2)  # padding: no loss
+    assert batch["loss_mask"].sum() == 0 and batch["tokens"].shape == (2, 64)
+    with pytest.raises(ValueError, match="fewer than one sequence"):
+        TokenWindows.from_stream(indexed[:64], 64, "x")
+    (tmp_path / "bad.jsonl").write_text('{"txt": 1}\n')
+    with pytest.raises(ValueError, match=r"bad.jsonl:1: expected a JSON object"):
+        read_token_stream(str(tmp_path / "bad.jsonl"), 10, tokenizer)
+    small = SimpleNamespace(vocab_size=10, eod=0)  # a checkpoint with a smaller vocabulary
+    with pytest.raises(ValueError, match="outside the checkpoint's vocabulary"):
+        read_token_stream(demo_data["valid_prefix"], 100, small)
