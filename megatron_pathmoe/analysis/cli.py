@@ -133,6 +133,9 @@ def validate(args, world_size: int) -> list[tuple[str, str]]:
         except CheckpointError as err:
             raise ValueError(f"--checkpoint {label}={path}: {err}") from None
         tokenizers.add(run.tokenizer_sha256)
+        if args.seq_length is not None and not 1 <= args.seq_length <= run.model.seq_length:
+            raise ValueError(f"--seq-length {args.seq_length}: checkpoint {label} was trained "
+                             f"with sequences of {run.model.seq_length}; use 1..that")
         run.model.replace(
             tensor_model_parallel_size=layout.tensor_model_parallel_size,
             pipeline_model_parallel_size=layout.pipeline_model_parallel_size,

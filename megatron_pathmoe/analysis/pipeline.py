@@ -109,6 +109,19 @@ def token_texts(tokenizer) -> list[str]:
     return [tokenizer.detokenize([i]) for i in range(tokenizer.vocab_size)]
 
 
+def _token_windows(options: AnalysisOptions, tokenizer, seq_length: int,
+                   label: str) -> TokenWindows:
+    stream = read_token_stream(options.data, options.num_tokens + 1, tokenizer)
+    windows = TokenWindows.from_stream(stream, seq_length, options.data)
+    if windows.num_tokens < options.num_tokens and _rank0():
+        why = f"--data ends after {stream.size:,} tokens" if stream.size <= options.num_tokens \
+            else "whole sequences only"
+        print(f"{label}: analysing {windows.num_tokens:,} of the {options.num_tokens:,} "
+              f"requested tokens ({windows.num_samples} sequences of {seq_length}; {why})",
+              flush=True)
+    return windows
+
+
 def analyze_checkpoint(label: str, checkpoint: str, options: AnalysisOptions) -> dict | None:
     """Record, measure and report one checkpoint (collective); the report on rank 0."""
     from megatron_pathmoe.data import load_tokenizer
@@ -121,19 +134,18 @@ def analyze_checkpoint(label: str, checkpoint: str, options: AnalysisOptions) ->
         raise ValueError(f"--seq-length {seq_length} exceeds the {cfg.seq_length} tokens "
                          f"checkpoint {checkpoint} was trained with")
     tokenizer = load_tokenizer(run.tokenizer_path)
-    stream = read_token_stream(options.data, options.num_tokens + 1, tokenizer)
-    windows = TokenWindows.from_stream(stream, seq_length, options.data)
+    windows = _token_windows(options, tokenizer, seq_length, label)
     directory = recording_dir(options.output_dir, label)
     info = {"label": label, "checkpoint": os.path.abspath(checkpoint),
             "iteration": run.iteration, "routing": cfg.routing,
-            "path_block_size": cfg.path_block_size,
-            "data": options.data, "seq_length": seq_length}
+            "path_block_size": cfg.path_block_size, "data": options.data,
+            "seq_length": seq_length}
     loss = record(model, cfg, windows, directory, options.micro_batch_size, info)
     robust = None
     if options.robustness_tokens > 0:
         count = min(options.robustness_tokens, windows.num_tokens)
-        robust = robustness(model, TokenWindows.from_stream(stream[:count + 1], seq_length,
-                                                            options.data), options)
+        robust = robustness(model, TokenWindows.from_stream(windows.stream[:count + 1],
+                                                            seq_length, options.data), options)
     del model
     if not _rank0():
         return None

@@ -20,7 +20,8 @@ PLOT_DESCRIPTIONS: dict[str, str] = {
     "consistency": "path consistency vs window size, and sustained-engagement run lengths "
                    "(Fig. 7)",
     "usage_entropy": "per-token expert-usage entropy over layers 1..l (Fig. 8a)",
-    "robustness": "perplexity degradation vs expert-permutation probability p (Fig. 8b)",
+    "robustness": "perplexity degradation vs expert-permutation probability p (Fig. 8b; "
+                  "not with --robustness-tokens 0)",
     "categories": "token-category mix of the most frequent paths, one panel per model (Fig. 5)",
     "expert_load": "expert load per layer relative to uniform, one panel per model",
 }

@@ -101,6 +101,7 @@ def test_tp2_pp2_records_the_same_paths(demo_data, checkpoint, single, tmp_path)
     (["--checkpoint", "a=CKPT", "--pipeline-model-parallel-size", "3"],
      "--pipeline-model-parallel-size 3"),
     (["--checkpoint", "a=CKPT", "--robustness-p", "1.5"], "--robustness-p"),
+    (["--checkpoint", "a=CKPT", "--seq-length", "1000"], "--seq-length 1000"),
 ])
 def test_bad_input_is_one_line_naming_the_flag(demo_data, checkpoint, tmp_path, capsys, argv,
                                                flag):
