@@ -102,14 +102,13 @@ def parse_checkpoint_args(values: list[str]) -> list[tuple[str, str]]:
     return pairs
 
 
-def _layout(args):
-    from megatron_pathmoe.config import PathMoEConfig
-
+def _layout(args) -> dict:
+    """The parallel layout flags as PathMoEConfig fields (MoE under TP needs SP)."""
     tp = args.tensor_model_parallel_size
-    return PathMoEConfig(tensor_model_parallel_size=tp,
-                         pipeline_model_parallel_size=args.pipeline_model_parallel_size,
-                         expert_model_parallel_size=args.expert_model_parallel_size,
-                         sequence_parallel=tp > 1)
+    return {"tensor_model_parallel_size": tp,
+            "pipeline_model_parallel_size": args.pipeline_model_parallel_size,
+            "expert_model_parallel_size": args.expert_model_parallel_size,
+            "sequence_parallel": tp > 1}
 
 
 def validate(args, world_size: int) -> list[tuple[str, str]]:
@@ -136,11 +135,7 @@ def validate(args, world_size: int) -> list[tuple[str, str]]:
         if args.seq_length is not None and not 1 <= args.seq_length <= run.model.seq_length:
             raise ValueError(f"--seq-length {args.seq_length}: checkpoint {label} was trained "
                              f"with sequences of {run.model.seq_length}; use 1..that")
-        run.model.replace(
-            tensor_model_parallel_size=layout.tensor_model_parallel_size,
-            pipeline_model_parallel_size=layout.pipeline_model_parallel_size,
-            expert_model_parallel_size=layout.expert_model_parallel_size,
-            sequence_parallel=layout.sequence_parallel).validate(world_size)
+        run.model.replace(**layout).validate(world_size)
     if indexed and len(tokenizers) > 1:
         raise ValueError(f"--data {args.data!r} holds token ids of one tokenizer, but the "
                          "checkpoints were trained with different tokenizers; analyse them "
@@ -178,12 +173,13 @@ def run(args, checkpoints: list[tuple[str, str]]) -> None:
     import torch.distributed as dist
 
     from megatron_pathmoe.analysis.pipeline import AnalysisOptions, analyze_checkpoint
+    from megatron_pathmoe.config import PathMoEConfig
     from megatron_pathmoe.platform import resolve_device
     from megatron_pathmoe.training.arguments import TrainingConfig
     from megatron_pathmoe.training.loop import destroy_distributed, initialize_distributed
 
     device = resolve_device(args.device)
-    initialize_distributed(_layout(args), TrainingConfig(), device)
+    initialize_distributed(PathMoEConfig(**_layout(args)), TrainingConfig(), device)
     try:
         options = AnalysisOptions(
             data=args.data, num_tokens=args.tokens, output_dir=args.output_dir,
