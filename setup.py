@@ -62,6 +62,18 @@ class BuildPermuteOps(build_ext):
             print(f"WARNING megatron-pathmoe: permutation kernels not built ({error}); they are "
                   "built on first use, else --permute-impl auto uses megatron-core's permute")
 
+# None of these pulls torch (each pinned version checked with pip --dry-run on the CPU wheel).
+_DATA = ["sentencepiece==0.2.3", "zstandard==0.25.0"]  # SentencePiece tokenizers, .zst input
+_HF = ["transformers==5.23.0", "safetensors==0.8.0",
+       "lm-eval==0.4.13", "accelerate==1.15.0"]  # lm-eval's hf model imports accelerate
+EXTRAS = {
+    "data": _DATA,
+    "hf": _HF,
+    "test": ["pytest>=7", *_DATA, *_HF],
+    # GPU clusters only: transformer-engine raises at import on CPU machines.
+    "gpu": ["transformer-engine[pytorch]"],
+}
+
 setup(
     name="megatron-pathmoe",
     version="0.1.0",
@@ -78,18 +90,19 @@ setup(
         "pybind11",
         "tokenizers>=0.15",
         "tqdm",
+        "matplotlib>=3.7",  # expert-path analysis plots
     ],
-    extras_require={
-        "test": ["pytest>=7"],
-        # GPU clusters only: transformer-engine raises at import on CPU machines.
-        "gpu": ["transformer-engine[pytorch]"],
-    },
+    extras_require=EXTRAS,
     ext_modules=[Extension("megatron_pathmoe.ops._C",
-                           sources=["csrc/bindings.cpp", "csrc/permute_cpu.cpp"])],
+                           sources=["csrc/bindings.cpp", "csrc/permute_cpu.cpp",
+                                    "csrc/permute_cpu_avx2.cpp"])],
     cmdclass={"build_ext": BuildPermuteOps},
     entry_points={
         "console_scripts": [
             "pathmoe-pretrain=megatron_pathmoe.training.pretrain:main",
+            "pathmoe-convert=megatron_pathmoe.convert.cli:main",
+            "pathmoe-evaluate=megatron_pathmoe.eval.cli:main",
+            "pathmoe-analyze-paths=megatron_pathmoe.analysis.cli:main",
         ],
     },
 )

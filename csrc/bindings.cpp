@@ -29,6 +29,62 @@ T* as(Ptr p) {
 
 pathmoe::DType dtype_of(int code) { return static_cast<pathmoe::DType>(code); }
 
+// The row kernels of one backend; Tail is the trailing argument (CPU threads, CUDA stream).
+struct CpuRows {
+  using Tail = int;
+  static int tail(int threads) { return threads; }
+  static constexpr auto scatter_rows = &pathmoe::cpu::scatter_rows;
+  static constexpr auto segment_sum_rows = &pathmoe::cpu::segment_sum_rows;
+  static constexpr auto scatter_rows_and_dot = &pathmoe::cpu::scatter_rows_and_dot;
+};
+
+#ifdef PATHMOE_WITH_CUDA
+struct CudaRows {
+  using Tail = Ptr;
+  static void* tail(Ptr stream) { return as<void>(stream); }
+  static constexpr auto scatter_rows = &pathmoe::cuda::scatter_rows;
+  static constexpr auto segment_sum_rows = &pathmoe::cuda::segment_sum_rows;
+  static constexpr auto scatter_rows_and_dot = &pathmoe::cuda::scatter_rows_and_dot;
+};
+#endif
+
+template <typename Rows>
+void bind_rows(py::module_& m) {
+  using Tail = typename Rows::Tail;
+  const auto nogil = py::call_guard<py::gil_scoped_release>();
+  m.def(
+      "scatter_rows",
+      [](int dtype, Ptr src, int64_t tokens, Ptr offsets, Ptr slots, Ptr weights, int64_t hidden,
+         Ptr dst, int64_t dst_rows, Tail tail) {
+        Rows::scatter_rows(dtype_of(dtype), as<const void>(src), tokens,
+                           as<const int64_t>(offsets), as<const int64_t>(slots),
+                           as<const void>(weights), hidden, as<void>(dst), dst_rows,
+                           Rows::tail(tail));
+      },
+      nogil);
+  m.def(
+      "segment_sum_rows",
+      [](int dtype, Ptr src, int64_t src_rows, Ptr offsets, Ptr slots, Ptr weights,
+         int64_t tokens, int64_t hidden, Ptr dst, Tail tail) {
+        Rows::segment_sum_rows(dtype_of(dtype), as<const void>(src), src_rows,
+                               as<const int64_t>(offsets), as<const int64_t>(slots),
+                               as<const void>(weights), tokens, hidden, as<void>(dst),
+                               Rows::tail(tail));
+      },
+      nogil);
+  m.def(
+      "scatter_rows_and_dot",
+      [](int dtype, Ptr grad_out, int64_t tokens, Ptr offsets, Ptr slots, Ptr weights, Ptr rows,
+         int64_t num_rows, int64_t hidden, Ptr grad_rows, Ptr grad_weights, Tail tail) {
+        Rows::scatter_rows_and_dot(dtype_of(dtype), as<const void>(grad_out), tokens,
+                                   as<const int64_t>(offsets), as<const int64_t>(slots),
+                                   as<const void>(weights), as<const void>(rows), num_rows,
+                                   hidden, as<void>(grad_rows), as<void>(grad_weights),
+                                   Rows::tail(tail));
+      },
+      nogil);
+}
+
 void bind_cpu(py::module_& m) {
   const auto nogil = py::call_guard<py::gil_scoped_release>();
   m.def(
@@ -45,35 +101,8 @@ void bind_cpu(py::module_& m) {
                                 as<int64_t>(slots), threads);
       },
       nogil);
-  m.def(
-      "gather_rows",
-      [](int dtype, Ptr src, int64_t src_rows, Ptr index, Ptr weights, int64_t rows,
-         int64_t hidden, Ptr dst, int threads) {
-        pathmoe::cpu::gather_rows(dtype_of(dtype), as<const void>(src), src_rows,
-                                  as<const int64_t>(index), as<const void>(weights), rows, hidden,
-                                  as<void>(dst), threads);
-      },
-      nogil);
-  m.def(
-      "segment_sum_rows",
-      [](int dtype, Ptr src, int64_t src_rows, Ptr offsets, Ptr slots, Ptr weights,
-         int64_t tokens, int64_t hidden, Ptr dst, int threads) {
-        pathmoe::cpu::segment_sum_rows(dtype_of(dtype), as<const void>(src), src_rows,
-                                       as<const int64_t>(offsets), as<const int64_t>(slots),
-                                       as<const void>(weights), tokens, hidden, as<void>(dst),
-                                       threads);
-      },
-      nogil);
-  m.def(
-      "gather_rows_and_dot",
-      [](int dtype, Ptr grad_out, int64_t grad_out_rows, Ptr index, Ptr weights, Ptr rows,
-         int64_t num_rows, int64_t hidden, Ptr grad_rows, Ptr grad_weights, int threads) {
-        pathmoe::cpu::gather_rows_and_dot(
-            dtype_of(dtype), as<const void>(grad_out), grad_out_rows, as<const int64_t>(index),
-            as<const void>(weights), as<const void>(rows), num_rows, hidden, as<void>(grad_rows),
-            as<void>(grad_weights), threads);
-      },
-      nogil);
+  m.def("isa", &pathmoe::cpu::row_kernels_isa, "instruction set of the row kernels in use");
+  bind_rows<CpuRows>(m);
 }
 
 #ifdef PATHMOE_WITH_CUDA
@@ -99,35 +128,7 @@ void bind_cuda(py::module_& m) {
                                  as<void>(stream));
       },
       nogil);
-  m.def(
-      "gather_rows",
-      [](int dtype, Ptr src, int64_t src_rows, Ptr index, Ptr weights, int64_t rows,
-         int64_t hidden, Ptr dst, Ptr stream) {
-        pathmoe::cuda::gather_rows(dtype_of(dtype), as<const void>(src), src_rows,
-                                   as<const int64_t>(index), as<const void>(weights), rows,
-                                   hidden, as<void>(dst), as<void>(stream));
-      },
-      nogil);
-  m.def(
-      "segment_sum_rows",
-      [](int dtype, Ptr src, int64_t src_rows, Ptr offsets, Ptr slots, Ptr weights,
-         int64_t tokens, int64_t hidden, Ptr dst, Ptr stream) {
-        pathmoe::cuda::segment_sum_rows(dtype_of(dtype), as<const void>(src), src_rows,
-                                        as<const int64_t>(offsets), as<const int64_t>(slots),
-                                        as<const void>(weights), tokens, hidden, as<void>(dst),
-                                        as<void>(stream));
-      },
-      nogil);
-  m.def(
-      "gather_rows_and_dot",
-      [](int dtype, Ptr grad_out, int64_t grad_out_rows, Ptr index, Ptr weights, Ptr rows,
-         int64_t num_rows, int64_t hidden, Ptr grad_rows, Ptr grad_weights, Ptr stream) {
-        pathmoe::cuda::gather_rows_and_dot(
-            dtype_of(dtype), as<const void>(grad_out), grad_out_rows, as<const int64_t>(index),
-            as<const void>(weights), as<const void>(rows), num_rows, hidden, as<void>(grad_rows),
-            as<void>(grad_weights), as<void>(stream));
-      },
-      nogil);
+  bind_rows<CudaRows>(m);
 }
 #endif  // PATHMOE_WITH_CUDA
 

@@ -33,24 +33,30 @@ void routing_map_to_indices(const uint8_t* routing_map, int64_t num_tokens, int6
 void token_csr(const int64_t* sorted_indices, int64_t num_rows, int64_t num_tokens,
                int64_t* offsets, int64_t* slots, int num_threads);
 
-// dst[j] = src[index[j]] (* weights[j] when weights is not null), src has src_rows rows.
-// Throws on an index outside [0, src_rows).
-void gather_rows(DType dtype, const void* src, int64_t src_rows, const int64_t* index,
-                 const void* weights, int64_t num_rows, int64_t hidden, void* dst,
-                 int num_threads);
+// Token-major scatter: dst[slots[r]] = src[t] (* weights[slots[r]]) for r in
+// [offsets[t], offsets[t+1]); each source row is read once. dst has dst_rows rows.
+void scatter_rows(DType dtype, const void* src, int64_t num_tokens, const int64_t* offsets,
+                  const int64_t* slots, const void* weights, int64_t hidden, void* dst,
+                  int64_t dst_rows, int num_threads);
 
 // dst[t] = sum over r in [offsets[t], offsets[t+1]) of src[slots[r]] (* weights[slots[r]]),
-// src has src_rows rows. Throws on a slot outside [0, src_rows).
+// src has src_rows rows.
 void segment_sum_rows(DType dtype, const void* src, int64_t src_rows, const int64_t* offsets,
                       const int64_t* slots, const void* weights, int64_t num_tokens,
                       int64_t hidden, void* dst, int num_threads);
 
-// Backward of the weighted unpermute, one pass: grad_rows[j] = grad_out[index[j]] * weights[j]
-// (skipped when grad_rows is null) and grad_weights[j] = <grad_out[index[j]], rows[j]>.
-void gather_rows_and_dot(DType dtype, const void* grad_out, int64_t grad_out_rows,
-                         const int64_t* index, const void* weights, const void* rows,
-                         int64_t num_rows, int64_t hidden, void* grad_rows, void* grad_weights,
-                         int num_threads);
+// Backward of the weighted unpermute in one pass over grad_out: for every row j = slots[r] of
+// token t, grad_rows[j] = grad_out[t] * weights[j] (skipped when grad_rows is null) and
+// grad_weights[j] = <grad_out[t], rows[j]>.
+void scatter_rows_and_dot(DType dtype, const void* grad_out, int64_t num_tokens,
+                          const int64_t* offsets, const int64_t* slots, const void* weights,
+                          const void* rows, int64_t num_rows, int64_t hidden, void* grad_rows,
+                          void* grad_weights, int num_threads);
+
+// The row functions throw on a slot outside the rows it indexes.
+
+// Instruction-set variant the row functions use on this CPU: "avx2" or "baseline".
+const char* row_kernels_isa();
 
 }  // namespace cpu
 
@@ -69,18 +75,18 @@ void token_csr(const int64_t* sorted_indices, int64_t num_rows, int64_t num_toke
                int64_t* offsets, int64_t* slots, void* workspace, int64_t workspace_bytes,
                void* stream);
 
-// Out-of-range indices cannot raise inside a kernel without a host sync: these kernels treat
-// such a row as absent (gathered rows become zeros), so memory stays safe. The Python layer
-// only passes indices that it built or validated.
-void gather_rows(DType dtype, const void* src, int64_t src_rows, const int64_t* index,
-                 const void* weights, int64_t num_rows, int64_t hidden, void* dst, void* stream);
+// Out-of-range slots cannot raise inside a kernel without a host sync: the kernels skip them,
+// so memory stays safe. The Python layer only passes slots that it built (token_csr).
+void scatter_rows(DType dtype, const void* src, int64_t num_tokens, const int64_t* offsets,
+                  const int64_t* slots, const void* weights, int64_t hidden, void* dst,
+                  int64_t dst_rows, void* stream);
 void segment_sum_rows(DType dtype, const void* src, int64_t src_rows, const int64_t* offsets,
                       const int64_t* slots, const void* weights, int64_t num_tokens,
                       int64_t hidden, void* dst, void* stream);
-void gather_rows_and_dot(DType dtype, const void* grad_out, int64_t grad_out_rows,
-                         const int64_t* index, const void* weights, const void* rows,
-                         int64_t num_rows, int64_t hidden, void* grad_rows, void* grad_weights,
-                         void* stream);
+void scatter_rows_and_dot(DType dtype, const void* grad_out, int64_t num_tokens,
+                          const int64_t* offsets, const int64_t* slots, const void* weights,
+                          const void* rows, int64_t num_rows, int64_t hidden, void* grad_rows,
+                          void* grad_weights, void* stream);
 
 }  // namespace cuda
 #endif  // PATHMOE_WITH_CUDA

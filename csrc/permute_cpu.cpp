@@ -1,36 +1,18 @@
-// CPU token-permutation ops: OpenMP over rows/tokens, inner loops over the hidden dimension
-// written so that the compiler vectorises them (contiguous, no aliasing, no branches).
+// CPU token-permutation ops: index construction (counting sorts over token chunks) and the
+// dispatch of the row kernels (cpu_row_kernels.h) to the best variant for this CPU.
 #include <algorithm>
-#include <cstring>
-#include <stdexcept>
-#include <string>
 #include <vector>
 
-#if defined(__linux__)
-#include <sys/mman.h>
-#endif
-
-#include "cpu_dtypes.h"
+#include "cpu_common.h"
+#include "cpu_row_kernels.h"
 #include "permute.h"
 
 namespace pathmoe {
 namespace cpu {
 namespace {
 
-// Row kernels below this many elements are not worth waking the thread team for.
-constexpr int64_t kParallelElements = 1 << 15;
 // Index construction is a cheap pass over bytes/ints: parallel only when it is large.
 constexpr int64_t kParallelIndexWork = 1 << 20;
-// Outputs from this size on are advised to use transparent huge pages (see advise_huge_pages).
-constexpr int64_t kHugePageMinBytes = int64_t{8} << 20;
-// Hidden-dimension tile of the fp32 accumulators in segment_sum_rows (fits in L1).
-constexpr int64_t kTile = 512;
-// Independent partial sums in the dot product (lets the compiler vectorise it in order).
-constexpr int kLanes = 16;
-
-void check(bool ok, const std::string& message) {
-  if (!ok) throw std::invalid_argument("pathmoe ops: " + message);
-}
 
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
@@ -45,155 +27,30 @@ struct Chunks {
   int64_t end(int64_t c, int64_t n) const { return std::min(n, (c + 1) * size); }
 };
 
-// Parallelism that does not fail on out-of-range indices: loops record the first bad index.
-struct BadIndex {
-  int64_t value = 0;
-  bool seen = false;
-  void record(int64_t v) {
-#pragma omp critical(pathmoe_bad_index)
-    if (!seen) {
-      seen = true;
-      value = v;
-    }
-  }
-  void raise_if_seen(const char* what, int64_t limit) const {
-    check(!seen, std::string(what) + " index " + std::to_string(value) + " outside [0, " +
-                     std::to_string(limit) + ")");
-  }
-};
-
-// A large fresh output (torch.empty -> mmap) is first touched by the kernel, and with 4 KiB
-// pages its page faults cost more than the copy itself (measured: 1.8 vs 9.6 GB/s for a
-// 400 MB gather). Advising huge pages before the first write cuts the faults 512-fold. Only
-// advice: memory that is already mapped or a kernel without THP is unaffected.
-void advise_huge_pages(void* data, int64_t bytes) {
-#if defined(__linux__) && defined(MADV_HUGEPAGE)
-  constexpr uintptr_t kHuge = uintptr_t{2} << 20;
-  if (bytes < kHugePageMinBytes) return;
-  const uintptr_t begin = (reinterpret_cast<uintptr_t>(data) + kHuge - 1) & ~(kHuge - 1);
-  const uintptr_t end = (reinterpret_cast<uintptr_t>(data) + bytes) & ~(kHuge - 1);
-  if (end > begin) madvise(reinterpret_cast<void*>(begin), end - begin, MADV_HUGEPAGE);
-#else
-  (void)data;
-  (void)bytes;
+// AVX2 (+F16C) doubles the width of the conversions and sums (bf16/fp16 rows are compute-bound
+// with SSE2 alone); the variant is chosen once, from what this CPU supports.
+const RowKernels& row_kernels() {
+  static const RowKernels kernels = [] {
+#if defined(__x86_64__)
+    __builtin_cpu_init();
+    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("f16c"))
+      return avx2_row_kernels();
 #endif
-}
-
-template <typename T>
-void gather_impl(const T* src, int64_t src_rows, const int64_t* index,
-                 const typename Element<T>::Acc* weights, int64_t num_rows, int64_t hidden,
-                 T* dst, int num_threads) {
-  using E = Element<T>;
-  BadIndex bad;
-  advise_huge_pages(dst, num_rows * hidden * static_cast<int64_t>(sizeof(T)));
-#pragma omp parallel for num_threads(num_threads) schedule(static) \
-    if (num_rows * hidden > kParallelElements)
-  for (int64_t j = 0; j < num_rows; ++j) {
-    const int64_t t = index[j];
-    T* __restrict d = dst + j * hidden;
-    if (t < 0 || t >= src_rows) {
-      bad.record(t);
-      continue;
-    }
-    const T* __restrict s = src + t * hidden;
-    if (weights == nullptr) {
-      std::memcpy(d, s, sizeof(T) * hidden);
-    } else {
-      const auto w = weights[j];
-      for (int64_t h = 0; h < hidden; ++h) d[h] = E::store(E::load(s[h]) * w);
-    }
-  }
-  bad.raise_if_seen("gather_rows:", src_rows);
-}
-
-template <typename T, bool kWeighted>
-void segment_sum_impl(const T* src, int64_t src_rows, const int64_t* offsets,
-                      const int64_t* slots, const typename Element<T>::Acc* weights,
-                      int64_t num_tokens, int64_t hidden, T* dst, int num_threads) {
-  using E = Element<T>;
-  using Acc = typename E::Acc;
-  BadIndex bad;
-  advise_huge_pages(dst, num_tokens * hidden * static_cast<int64_t>(sizeof(T)));
-#pragma omp parallel for num_threads(num_threads) schedule(static) \
-    if (num_tokens * hidden > kParallelElements)
-  for (int64_t t = 0; t < num_tokens; ++t) {
-    const int64_t first = offsets[t], last = offsets[t + 1];
-    bool ok = true;
-    for (int64_t r = first; r < last; ++r) {
-      if (slots[r] < 0 || slots[r] >= src_rows) {
-        bad.record(slots[r]);
-        ok = false;
-      }
-    }
-    if (!ok) continue;
-    T* __restrict d = dst + t * hidden;
-    for (int64_t h0 = 0; h0 < hidden; h0 += kTile) {
-      const int64_t n = std::min(kTile, hidden - h0);
-      Acc acc[kTile];
-      for (int64_t i = 0; i < n; ++i) acc[i] = Acc(0);
-      for (int64_t r = first; r < last; ++r) {
-        const T* __restrict s = src + slots[r] * hidden + h0;
-        if (kWeighted) {
-          const Acc w = weights[slots[r]];
-          for (int64_t i = 0; i < n; ++i) acc[i] += E::load(s[i]) * w;
-        } else {
-          for (int64_t i = 0; i < n; ++i) acc[i] += E::load(s[i]);
-        }
-      }
-      for (int64_t i = 0; i < n; ++i) d[h0 + i] = E::store(acc[i]);
-    }
-  }
-  bad.raise_if_seen("segment_sum_rows: slot", src_rows);
-}
-
-template <typename T, bool kWriteRows>
-void gather_dot_impl(const T* grad_out, int64_t grad_out_rows, const int64_t* index,
-                     const typename Element<T>::Acc* weights, const T* rows, int64_t num_rows,
-                     int64_t hidden, T* grad_rows, typename Element<T>::Acc* grad_weights,
-                     int num_threads) {
-  using E = Element<T>;
-  using Acc = typename E::Acc;
-  BadIndex bad;
-  const int64_t full = hidden - hidden % kLanes;
-  if (kWriteRows) advise_huge_pages(grad_rows, num_rows * hidden * static_cast<int64_t>(sizeof(T)));
-#pragma omp parallel for num_threads(num_threads) schedule(static) \
-    if (num_rows * hidden > kParallelElements)
-  for (int64_t j = 0; j < num_rows; ++j) {
-    const int64_t t = index[j];
-    if (t < 0 || t >= grad_out_rows) {
-      bad.record(t);
-      continue;
-    }
-    const T* __restrict g = grad_out + t * hidden;
-    const T* __restrict y = rows + j * hidden;
-    T* __restrict gy = kWriteRows ? grad_rows + j * hidden : nullptr;
-    const Acc w = weights[j];
-    Acc lanes[kLanes] = {};
-    for (int64_t h = 0; h < full; h += kLanes) {
-      for (int l = 0; l < kLanes; ++l) {
-        const Acc gv = E::load(g[h + l]);
-        if (kWriteRows) gy[h + l] = E::store(gv * w);
-        lanes[l] += gv * E::load(y[h + l]);
-      }
-    }
-    for (int64_t h = full; h < hidden; ++h) {
-      const Acc gv = E::load(g[h]);
-      if (kWriteRows) gy[h] = E::store(gv * w);
-      lanes[h - full] += gv * E::load(y[h]);
-    }
-    for (int width = kLanes / 2; width > 0; width /= 2)
-      for (int l = 0; l < width; ++l) lanes[l] += lanes[l + width];
-    grad_weights[j] = lanes[0];
-  }
-  bad.raise_if_seen("gather_rows_and_dot:", grad_out_rows);
-}
-
-template <typename T>
-const typename Element<T>::Acc* acc_ptr(const void* p) {
-  return static_cast<const typename Element<T>::Acc*>(p);
+    return baseline_row_kernels();
+  }();
+  return kernels;
 }
 
 }  // namespace
+
+RowKernels baseline_row_kernels() { return make_row_kernels(); }
+
+const char* row_kernels_isa() {
+#if defined(__x86_64__)
+  if (row_kernels().scatter != baseline_row_kernels().scatter) return "avx2";
+#endif
+  return "baseline";
+}
 
 void routing_map_to_indices(const uint8_t* routing_map, int64_t num_tokens, int64_t num_experts,
                             int64_t capacity, int64_t* sorted_indices, int num_threads) {
@@ -281,49 +138,26 @@ void token_csr(const int64_t* sorted_indices, int64_t num_rows, int64_t num_toke
   }
 }
 
-void gather_rows(DType dtype, const void* src, int64_t src_rows, const int64_t* index,
-                 const void* weights, int64_t num_rows, int64_t hidden, void* dst,
-                 int num_threads) {
-  dispatch_dtype(dtype, [&](auto tag) {
-    using T = decltype(tag);
-    gather_impl(static_cast<const T*>(src), src_rows, index, acc_ptr<T>(weights), num_rows,
-                hidden, static_cast<T*>(dst), num_threads);
-  });
+void scatter_rows(DType dtype, const void* src, int64_t num_tokens, const int64_t* offsets,
+                  const int64_t* slots, const void* weights, int64_t hidden, void* dst,
+                  int64_t dst_rows, int num_threads) {
+  row_kernels().scatter(dtype, src, num_tokens, offsets, slots, weights, hidden, dst, dst_rows,
+                        num_threads);
 }
 
 void segment_sum_rows(DType dtype, const void* src, int64_t src_rows, const int64_t* offsets,
                       const int64_t* slots, const void* weights, int64_t num_tokens,
                       int64_t hidden, void* dst, int num_threads) {
-  dispatch_dtype(dtype, [&](auto tag) {
-    using T = decltype(tag);
-    const auto* s = static_cast<const T*>(src);
-    auto* d = static_cast<T*>(dst);
-    if (weights != nullptr)
-      segment_sum_impl<T, true>(s, src_rows, offsets, slots, acc_ptr<T>(weights), num_tokens,
-                                hidden, d, num_threads);
-    else
-      segment_sum_impl<T, false>(s, src_rows, offsets, slots, nullptr, num_tokens, hidden, d,
-                                 num_threads);
-  });
+  row_kernels().segment_sum(dtype, src, src_rows, offsets, slots, weights, num_tokens, hidden,
+                            dst, num_threads);
 }
 
-void gather_rows_and_dot(DType dtype, const void* grad_out, int64_t grad_out_rows,
-                         const int64_t* index, const void* weights, const void* rows,
-                         int64_t num_rows, int64_t hidden, void* grad_rows, void* grad_weights,
-                         int num_threads) {
-  dispatch_dtype(dtype, [&](auto tag) {
-    using T = decltype(tag);
-    using Acc = typename Element<T>::Acc;
-    const auto* g = static_cast<const T*>(grad_out);
-    const auto* y = static_cast<const T*>(rows);
-    auto* gw = static_cast<Acc*>(grad_weights);
-    if (grad_rows != nullptr)
-      gather_dot_impl<T, true>(g, grad_out_rows, index, acc_ptr<T>(weights), y, num_rows, hidden,
-                               static_cast<T*>(grad_rows), gw, num_threads);
-    else
-      gather_dot_impl<T, false>(g, grad_out_rows, index, acc_ptr<T>(weights), y, num_rows,
-                                hidden, nullptr, gw, num_threads);
-  });
+void scatter_rows_and_dot(DType dtype, const void* grad_out, int64_t num_tokens,
+                          const int64_t* offsets, const int64_t* slots, const void* weights,
+                          const void* rows, int64_t num_rows, int64_t hidden, void* grad_rows,
+                          void* grad_weights, int num_threads) {
+  row_kernels().scatter_and_dot(dtype, grad_out, num_tokens, offsets, slots, weights, rows,
+                                num_rows, hidden, grad_rows, grad_weights, num_threads);
 }
 
 }  // namespace cpu

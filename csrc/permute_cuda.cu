@@ -224,31 +224,33 @@ size_t radix_sort_bytes(int64_t n, int end_bit) {
 
 // ---------------------------------------------------------------- row kernels
 
+// One block per token: each thread loads a pack of the token's row once and writes it to all of
+// the token's permuted rows (scaled by their weights).
 template <typename T, int kVec, bool kWeighted>
-__global__ void gather_rows_kernel(const T* __restrict__ src, int64_t src_rows,
-                                   const int64_t* __restrict__ index,
-                                   const typename Element<T>::Acc* __restrict__ weights,
-                                   int64_t rows, int64_t hidden, T* __restrict__ dst) {
+__global__ void scatter_rows_kernel(const T* __restrict__ src, int64_t tokens,
+                                    const int64_t* __restrict__ offsets,
+                                    const int64_t* __restrict__ slots,
+                                    const typename Element<T>::Acc* __restrict__ weights,
+                                    int64_t hidden, T* __restrict__ dst, int64_t dst_rows) {
   using E = Element<T>;
   using P = Pack<T, kVec>;
   const int64_t packs = hidden / kVec;
-  for (int64_t j = blockIdx.x; j < rows; j += gridDim.x) {
-    const int64_t t = index[j];
-    const bool valid = t >= 0 && t < src_rows;
-    const P* s = reinterpret_cast<const P*>(src + (valid ? t : 0) * hidden);
-    P* d = reinterpret_cast<P*>(dst + j * hidden);
-    const auto w = kWeighted ? weights[j] : typename E::Acc(1);
+  for (int64_t t = blockIdx.x; t < tokens; t += gridDim.x) {
+    const int64_t first = offsets[t], last = offsets[t + 1];
+    const P* s = reinterpret_cast<const P*>(src + t * hidden);
     for (int64_t i = threadIdx.x; i < packs; i += blockDim.x) {
-      P p;
-      if (valid) p = s[i];
+      const P p = s[i];
+      for (int64_t r = first; r < last; ++r) {
+        const int64_t j = slots[r];
+        if (j < 0 || j >= dst_rows) continue;
+        P out = p;
+        if (kWeighted) {
+          const auto w = weights[j];
 #pragma unroll
-      for (int k = 0; k < kVec; ++k) {
-        if (!valid)
-          p.v[k] = E::store(typename E::Acc(0));
-        else if (kWeighted)
-          p.v[k] = E::store(E::load(p.v[k]) * w);
+          for (int k = 0; k < kVec; ++k) out.v[k] = E::store(E::load(p.v[k]) * w);
+        }
+        reinterpret_cast<P*>(dst + j * hidden)[i] = out;
       }
-      d[i] = p;
     }
   }
 }
@@ -303,39 +305,43 @@ __device__ Acc block_sum(Acc value) {
   return total;
 }
 
+// One block per token; for each of its rows j: grad_rows[j] = grad_out[t] * w[j] and
+// grad_weights[j] = <grad_out[t], rows[j]> (block_sum: fixed order).
 template <typename T, int kVec, bool kWriteRows>
-__global__ void gather_dot_kernel(const T* __restrict__ grad_out, int64_t grad_out_rows,
-                                  const int64_t* __restrict__ index,
-                                  const typename Element<T>::Acc* __restrict__ weights,
-                                  const T* __restrict__ rows, int64_t num_rows, int64_t hidden,
-                                  T* __restrict__ grad_rows,
-                                  typename Element<T>::Acc* __restrict__ grad_weights) {
+__global__ void scatter_dot_kernel(const T* __restrict__ grad_out, int64_t tokens,
+                                   const int64_t* __restrict__ offsets,
+                                   const int64_t* __restrict__ slots,
+                                   const typename Element<T>::Acc* __restrict__ weights,
+                                   const T* __restrict__ rows, int64_t num_rows, int64_t hidden,
+                                   T* __restrict__ grad_rows,
+                                   typename Element<T>::Acc* __restrict__ grad_weights) {
   using E = Element<T>;
   using Acc = typename E::Acc;
   using P = Pack<T, kVec>;
   const int64_t packs = hidden / kVec;
-  for (int64_t j = blockIdx.x; j < num_rows; j += gridDim.x) {
-    const int64_t t = index[j];
-    const bool valid = t >= 0 && t < grad_out_rows;
-    const P* g = reinterpret_cast<const P*>(grad_out + (valid ? t : 0) * hidden);
-    const P* y = reinterpret_cast<const P*>(rows + j * hidden);
-    const Acc w = weights[j];
-    Acc partial = Acc(0);
-    for (int64_t i = threadIdx.x; i < packs; i += blockDim.x) {
-      P gp;
-      if (valid) gp = g[i];
-      const P yp = y[i];
-      P out;
+  for (int64_t t = blockIdx.x; t < tokens; t += gridDim.x) {
+    const P* g = reinterpret_cast<const P*>(grad_out + t * hidden);
+    for (int64_t r = offsets[t]; r < offsets[t + 1]; ++r) {
+      const int64_t j = slots[r];
+      if (j < 0 || j >= num_rows) continue;  // uniform across the block: no divergent sync
+      const P* y = reinterpret_cast<const P*>(rows + j * hidden);
+      const Acc w = weights[j];
+      Acc partial = Acc(0);
+      for (int64_t i = threadIdx.x; i < packs; i += blockDim.x) {
+        const P gp = g[i];
+        const P yp = y[i];
+        P out;
 #pragma unroll
-      for (int k = 0; k < kVec; ++k) {
-        const Acc gv = valid ? E::load(gp.v[k]) : Acc(0);
-        out.v[k] = E::store(gv * w);
-        partial += gv * E::load(yp.v[k]);
+        for (int k = 0; k < kVec; ++k) {
+          const Acc gv = E::load(gp.v[k]);
+          out.v[k] = E::store(gv * w);
+          partial += gv * E::load(yp.v[k]);
+        }
+        if (kWriteRows) reinterpret_cast<P*>(grad_rows + j * hidden)[i] = out;
       }
-      if (kWriteRows) reinterpret_cast<P*>(grad_rows + j * hidden)[i] = out;
+      const Acc total = block_sum(partial);
+      if (threadIdx.x == 0) grad_weights[j] = total;
     }
-    const Acc total = block_sum(partial);
-    if (threadIdx.x == 0) grad_weights[j] = total;
   }
 }
 
@@ -403,10 +409,10 @@ void token_csr(const int64_t* sorted_indices, int64_t num_rows, int64_t num_toke
   check_cuda(cudaGetLastError(), "offsets_kernel");
 }
 
-void gather_rows(DType dtype, const void* src, int64_t src_rows, const int64_t* index,
-                 const void* weights, int64_t num_rows, int64_t hidden, void* dst,
-                 void* stream) {
-  if (num_rows == 0 || hidden == 0) return;
+void scatter_rows(DType dtype, const void* src, int64_t num_tokens, const int64_t* offsets,
+                  const int64_t* slots, const void* weights, int64_t hidden, void* dst,
+                  int64_t dst_rows, void* stream) {
+  if (num_tokens == 0 || hidden == 0) return;
   dispatch_dtype(dtype, [&](auto tag) {
     using T = decltype(tag);
     dispatch_vec<T>(hidden, {src, dst}, [&](auto vec) {
@@ -415,12 +421,12 @@ void gather_rows(DType dtype, const void* src, int64_t src_rows, const int64_t* 
       const auto* s = static_cast<const T*>(src);
       auto* d = static_cast<T*>(dst);
       if (weights != nullptr)
-        gather_rows_kernel<T, kVec, true><<<grid_for(num_rows), threads, 0, as_stream(stream)>>>(
-            s, src_rows, index, acc_ptr<T>(weights), num_rows, hidden, d);
+        scatter_rows_kernel<T, kVec, true><<<grid_for(num_tokens), threads, 0, as_stream(stream)>>>(
+            s, num_tokens, offsets, slots, acc_ptr<T>(weights), hidden, d, dst_rows);
       else
-        gather_rows_kernel<T, kVec, false><<<grid_for(num_rows), threads, 0, as_stream(stream)>>>(
-            s, src_rows, index, nullptr, num_rows, hidden, d);
-      check_cuda(cudaGetLastError(), "gather_rows_kernel");
+        scatter_rows_kernel<T, kVec, false><<<grid_for(num_tokens), threads, 0, as_stream(stream)>>>(
+            s, num_tokens, offsets, slots, nullptr, hidden, d, dst_rows);
+      check_cuda(cudaGetLastError(), "scatter_rows_kernel");
     });
   });
 }
@@ -447,11 +453,11 @@ void segment_sum_rows(DType dtype, const void* src, int64_t src_rows, const int6
   });
 }
 
-void gather_rows_and_dot(DType dtype, const void* grad_out, int64_t grad_out_rows,
-                         const int64_t* index, const void* weights, const void* rows,
-                         int64_t num_rows, int64_t hidden, void* grad_rows, void* grad_weights,
-                         void* stream) {
-  if (num_rows == 0) return;
+void scatter_rows_and_dot(DType dtype, const void* grad_out, int64_t num_tokens,
+                          const int64_t* offsets, const int64_t* slots, const void* weights,
+                          const void* rows, int64_t num_rows, int64_t hidden, void* grad_rows,
+                          void* grad_weights, void* stream) {
+  if (num_tokens == 0) return;
   dispatch_dtype(dtype, [&](auto tag) {
     using T = decltype(tag);
     using Acc = typename Element<T>::Acc;
@@ -463,13 +469,13 @@ void gather_rows_and_dot(DType dtype, const void* grad_out, int64_t grad_out_row
       const auto* y = static_cast<const T*>(rows);
       auto* gw = static_cast<Acc*>(grad_weights);
       if (grad_rows != nullptr)
-        gather_dot_kernel<T, kVec, true><<<grid_for(num_rows), threads, 0, as_stream(stream)>>>(
-            g, grad_out_rows, index, acc_ptr<T>(weights), y, num_rows, hidden,
+        scatter_dot_kernel<T, kVec, true><<<grid_for(num_tokens), threads, 0, as_stream(stream)>>>(
+            g, num_tokens, offsets, slots, acc_ptr<T>(weights), y, num_rows, hidden,
             static_cast<T*>(grad_rows), gw);
       else
-        gather_dot_kernel<T, kVec, false><<<grid_for(num_rows), threads, 0, as_stream(stream)>>>(
-            g, grad_out_rows, index, acc_ptr<T>(weights), y, num_rows, hidden, nullptr, gw);
-      check_cuda(cudaGetLastError(), "gather_dot_kernel");
+        scatter_dot_kernel<T, kVec, false><<<grid_for(num_tokens), threads, 0, as_stream(stream)>>>(
+            g, num_tokens, offsets, slots, acc_ptr<T>(weights), y, num_rows, hidden, nullptr, gw);
+      check_cuda(cudaGetLastError(), "scatter_dot_kernel");
     });
   });
 }

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import platform
 import shutil
 import subprocess
 import sys
@@ -23,14 +24,20 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 CSRC = Path(__file__).resolve().parents[2] / "csrc"
-CPU_SOURCES = ("bindings.cpp", "permute_cpu.cpp")
+CPU_SOURCES = ("bindings.cpp", "permute_cpu.cpp", "permute_cpu_avx2.cpp")
 CUDA_SOURCES = ("permute_cuda.cu",)
-HEADERS = ("permute.h", "cpu_dtypes.h")
+HEADERS = ("permute.h", "cpu_common.h", "cpu_dtypes.h", "cpu_row_kernels.h")
+# Per-file instruction sets (x86-64): the AVX2 variant of the row kernels, picked at run time.
+# The baseline objects come first on the link line, so the linker keeps their copies of any
+# shared inline library code.
+ISA_FLAGS = {"permute_cpu_avx2.cpp": ("-mavx2", "-mf16c")} if platform.machine() in ("x86_64", "AMD64") else {}
 CUDA_ARCHS = ("80", "90")
 # -ffp-contract=off: a weighted sum rounds the product before adding, exactly like
 # megatron-core's unfused unpermute (tokens * probs, then scatter_add), so fp32 matches bitwise.
+# -Wno-psabi: the vector types of cpu_vec.h never cross a call (all inlined), so the note that
+# their calling convention depends on the ISA is moot.
 CXX_FLAGS = ("-O3", "-std=c++17", "-fPIC", "-fopenmp", "-ffp-contract=off",
-             "-fvisibility=hidden")
+             "-fvisibility=hidden", "-Wno-psabi")
 NVCC_FLAGS = ("-O3", "-std=c++17", "-Xcompiler", "-fPIC", "--fmad=false")
 
 
@@ -61,7 +68,7 @@ def build_hash(with_cuda: bool, csrc: Path = CSRC) -> str:
     for name in files:
         digest.update(name.encode())
         digest.update((csrc / name).read_bytes())
-    digest.update(repr((CXX_FLAGS, NVCC_FLAGS if with_cuda else (), with_cuda,
+    digest.update(repr((CXX_FLAGS, ISA_FLAGS, NVCC_FLAGS if with_cuda else (), with_cuda,
                         CUDA_ARCHS if with_cuda else (), extension_filename())).encode())
     return digest.hexdigest()[:16]
 
@@ -105,8 +112,8 @@ def _compile_commands(csrc: Path, objdir: Path, with_cuda: bool, label: str) -> 
     cxx = os.environ.get("CXX", "c++")
     defines = [f'-DPATHMOE_OPS_BUILD_HASH="{label}"'] + (["-DPATHMOE_WITH_CUDA"] if with_cuda else [])
     includes = _include_flags(csrc)
-    commands = [[cxx, *CXX_FLAGS, *defines, *includes, "-c", str(csrc / name),
-                 "-o", str(objdir / (name + ".o"))] for name in CPU_SOURCES]
+    commands = [[cxx, *CXX_FLAGS, *ISA_FLAGS.get(name, ()), *defines, *includes, "-c",
+                 str(csrc / name), "-o", str(objdir / (name + ".o"))] for name in CPU_SOURCES]
     if with_cuda:
         nvcc = find_nvcc()
         if nvcc is None:

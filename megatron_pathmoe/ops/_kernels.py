@@ -115,17 +115,22 @@ def token_csr(sorted_indices: torch.Tensor, num_tokens: int) -> tuple[torch.Tens
     return offsets, slots
 
 
-def gather_rows(src: torch.Tensor, index: torch.Tensor,
-                weights: torch.Tensor | None = None) -> torch.Tensor:
-    """out[j] = src[index[j]] (* weights[j])."""
+def _csr(offsets: torch.Tensor, slots: torch.Tensor, device: torch.device):
+    return _index(offsets, device), _index(slots, device)
+
+
+def scatter_rows(src: torch.Tensor, offsets: torch.Tensor, slots: torch.Tensor, num_rows: int,
+                 weights: torch.Tensor | None = None) -> torch.Tensor:
+    """out[slots[r]] = src[t] (* weights[slots[r]]) for r in offsets[t]:offsets[t+1]; every
+    source row is read once. out has num_rows rows."""
     src = _rows("rows", src)
     backend = _Backend(src.device)
-    index = _index(index, src.device)
-    weights = _weights(weights, src, index.numel())
-    out = torch.empty(index.numel(), src.shape[1], dtype=src.dtype, device=src.device)
+    offsets, slots = _csr(offsets, slots, src.device)
+    weights = _weights(weights, src, num_rows)
+    out = torch.empty(num_rows, src.shape[1], dtype=src.dtype, device=src.device)
     with backend.guard():
-        backend("gather_rows", _DTYPE_CODES[src.dtype], _ptr(src), src.shape[0], _ptr(index),
-                _ptr(weights), index.numel(), src.shape[1], _ptr(out))
+        backend("scatter_rows", _DTYPE_CODES[src.dtype], _ptr(src), offsets.numel() - 1,
+                _ptr(offsets), _ptr(slots), _ptr(weights), src.shape[1], _ptr(out), num_rows)
     return out
 
 
@@ -135,7 +140,7 @@ def segment_sum_rows(src: torch.Tensor, offsets: torch.Tensor, slots: torch.Tens
     accumulated in fp32 (fp64 for fp64) in ascending r."""
     src = _rows("rows", src)
     backend = _Backend(src.device)
-    offsets, slots = _index(offsets, src.device), _index(slots, src.device)
+    offsets, slots = _csr(offsets, slots, src.device)
     weights = _weights(weights, src, src.shape[0])
     tokens = offsets.numel() - 1
     out = torch.empty(tokens, src.shape[1], dtype=src.dtype, device=src.device)
@@ -145,20 +150,21 @@ def segment_sum_rows(src: torch.Tensor, offsets: torch.Tensor, slots: torch.Tens
     return out
 
 
-def gather_rows_and_dot(grad_out: torch.Tensor, index: torch.Tensor, weights: torch.Tensor,
-                        rows: torch.Tensor, need_rows: bool
-                        ) -> tuple[torch.Tensor | None, torch.Tensor]:
-    """(grad_out[index] * weights[:, None] or None, rowwise <grad_out[index], rows>), one pass."""
+def scatter_rows_and_dot(grad_out: torch.Tensor, offsets: torch.Tensor, slots: torch.Tensor,
+                         weights: torch.Tensor, rows: torch.Tensor, need_rows: bool
+                         ) -> tuple[torch.Tensor | None, torch.Tensor]:
+    """Backward of the weighted unpermute, one pass over grad_out: (grad_out of each row's token
+    * weights, or None; <grad_out of the row's token, rows[j]> for every row j)."""
     grad_out, rows = _rows("grad_output", grad_out), _rows("rows", rows)
     if grad_out.dtype != rows.dtype:
         grad_out = grad_out.to(rows.dtype)
     backend = _Backend(rows.device)
-    index = _index(index, rows.device)
-    weights = _weights(weights, rows, index.numel())
+    offsets, slots = _csr(offsets, slots, rows.device)
+    weights = _weights(weights, rows, rows.shape[0])
     grad_rows = torch.empty_like(rows) if need_rows else None
-    grad_weights = torch.empty(index.numel(), dtype=weights.dtype, device=rows.device)
+    grad_weights = torch.empty(rows.shape[0], dtype=weights.dtype, device=rows.device)
     with backend.guard():
-        backend("gather_rows_and_dot", _DTYPE_CODES[rows.dtype], _ptr(grad_out),
-                grad_out.shape[0], _ptr(index), _ptr(weights), _ptr(rows), index.numel(),
-                rows.shape[1], _ptr(grad_rows), _ptr(grad_weights))
+        backend("scatter_rows_and_dot", _DTYPE_CODES[rows.dtype], _ptr(grad_out),
+                offsets.numel() - 1, _ptr(offsets), _ptr(slots), _ptr(weights), _ptr(rows),
+                rows.shape[0], rows.shape[1], _ptr(grad_rows), _ptr(grad_weights))
     return grad_rows, grad_weights

@@ -1,7 +1,7 @@
 """The compiled permutation ops against the pure-PyTorch reference and megatron-core.
 
-Inputs are random and never zero; routing maps leave some experts without tokens. Index and
-gather results must be identical; sums (fp32 accumulation, ascending row order in both) too,
+Inputs are random and never zero; routing maps leave some experts without tokens. Indices and
+permuted rows must be identical; sums (fp32 accumulation, ascending row order in both) too,
 up to the stated tolerances.
 """
 
@@ -65,7 +65,7 @@ def forward_backward(impl, x, routing_map, probs, weighted: bool, grad_seed: int
     else:
         rows = permuted * permuted_probs.unsqueeze(-1).to(permuted.dtype)
         out = impl.unpermute(rows, sorted_indices, x.shape)
-    out.backward(rand(*out.shape, dtype=out.dtype, seed=grad_seed))
+    out.backward(rand(*out.shape, dtype=out.dtype, seed=grad_seed).to(out.device))
     return dict(sorted_indices=sorted_indices, permuted=permuted.detach(),
                 permuted_probs=permuted_probs.detach(), out=out.detach(), grad_x=x.grad,
                 grad_probs=probs.grad)
@@ -169,13 +169,15 @@ def test_gradcheck_float64():
     assert torch.autograd.gradcheck(probs_in_rows, (x, probs))
 
 
-def test_deterministic_and_independent_of_thread_count():
-    routing_map, probs = routing(500, 16, 4, empty=2)
-    x = rand(500, 200, dtype=torch.bfloat16, seed=1)
+def test_large_rows_deterministic_and_independent_of_thread_count():
+    """Outputs over 8 MiB take the streaming-store path; 2060-byte rows are not 16-byte
+    multiples, so row heads and tails are exercised. Results must not depend on threads."""
+    routing_map, probs = routing(2048, 16, 4, empty=2)
+    x = rand(2048, 1030, dtype=torch.bfloat16, seed=1)
     threads = torch.get_num_threads()
     try:
         runs = []
-        for n in (1, 2, 1, 3):
+        for n in (1, 2, 3):
             torch.set_num_threads(n)
             runs.append(forward_backward(permutation, x, routing_map, probs, weighted=True))
     finally:
@@ -183,6 +185,10 @@ def test_deterministic_and_independent_of_thread_count():
     for run in runs[1:]:
         for key, value in run.items():
             assert torch.equal(value, runs[0][key]), key
+    want = forward_backward(reference, x, routing_map, probs, weighted=True)
+    assert torch.equal(runs[0]["permuted"], want["permuted"])
+    torch.testing.assert_close(runs[0]["out"], want["out"], **SUM_TOL[torch.bfloat16])
+    torch.testing.assert_close(runs[0]["grad_x"], want["grad_x"], **SUM_TOL[torch.bfloat16])
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
@@ -191,10 +197,10 @@ def test_half_conversions_match_torch_for_every_bit_pattern(dtype):
     scales that reach subnormals, overflow and exact ties; NaN only needs to stay NaN."""
     patterns = torch.arange(-(2**15), 2**15, dtype=torch.int32).to(torch.int16).view(dtype)
     src = patterns.reshape(-1, 1).contiguous()
-    index = torch.arange(src.shape[0])
+    offsets, slots = torch.arange(src.shape[0] + 1), torch.arange(src.shape[0])
     for scale in (1.0, 0.3, 1.0 / 3.0, 2.0**-12, 2.0**-24, 65504.0, 1e-30, 7.5):
         weights = torch.full((src.shape[0],), scale)
-        got = _kernels.gather_rows(src, index, weights)
+        got = _kernels.scatter_rows(src, offsets, slots, src.shape[0], weights)
         want = (src.float() * scale).to(dtype)
         nan = want.isnan()
         assert torch.equal(got.isnan(), nan), scale
