@@ -10,6 +10,7 @@
 #include <stdexcept>
 #include <string>
 
+#include "dtype_dispatch.h"
 #include "permute.h"
 
 namespace pathmoe {
@@ -111,18 +112,7 @@ struct Element<Float16> {
 // Calls fn(T{}) with the element type named by dtype.
 template <typename Fn>
 void dispatch_dtype(DType dtype, Fn&& fn) {
-  switch (dtype) {
-    case DType::kFloat32:
-      return fn(float{});
-    case DType::kFloat64:
-      return fn(double{});
-    case DType::kBFloat16:
-      return fn(BFloat16{});
-    case DType::kFloat16:
-      return fn(Float16{});
-  }
-  throw std::invalid_argument("pathmoe ops: unknown dtype code " +
-                              std::to_string(static_cast<int>(dtype)));
+  dispatch_dtype_as<float, double, BFloat16, Float16>(dtype, fn, "pathmoe ops");
 }
 
 }  // namespace

@@ -289,14 +289,11 @@ void scatter_entry(DType dtype, const void* src, int64_t num_tokens, const int64
                    int64_t dst_rows, int num_threads) {
   dispatch_dtype(dtype, [&](auto tag) {
     using T = decltype(tag);
-    const auto* s = static_cast<const T*>(src);
-    auto* d = static_cast<T*>(dst);
-    if (weights != nullptr)
-      scatter_impl<T, true>(s, num_tokens, offsets, slots, acc_ptr<T>(weights), hidden, d,
-                            dst_rows, num_threads);
-    else
-      scatter_impl<T, false>(s, num_tokens, offsets, slots, nullptr, hidden, d, dst_rows,
-                             num_threads);
+    with_flag(weights != nullptr, [&](auto weighted) {
+      scatter_impl<T, decltype(weighted)::value>(static_cast<const T*>(src), num_tokens, offsets,
+                                                 slots, acc_ptr<T>(weights), hidden,
+                                                 static_cast<T*>(dst), dst_rows, num_threads);
+    });
   });
 }
 
@@ -305,14 +302,11 @@ void segment_sum_entry(DType dtype, const void* src, int64_t src_rows, const int
                        int64_t hidden, void* dst, int num_threads) {
   dispatch_dtype(dtype, [&](auto tag) {
     using T = decltype(tag);
-    const auto* s = static_cast<const T*>(src);
-    auto* d = static_cast<T*>(dst);
-    if (weights != nullptr)
-      segment_sum_impl<T, true>(s, src_rows, offsets, slots, acc_ptr<T>(weights), num_tokens,
-                                hidden, d, num_threads);
-    else
-      segment_sum_impl<T, false>(s, src_rows, offsets, slots, nullptr, num_tokens, hidden, d,
-                                 num_threads);
+    with_flag(weights != nullptr, [&](auto weighted) {
+      segment_sum_impl<T, decltype(weighted)::value>(
+          static_cast<const T*>(src), src_rows, offsets, slots, acc_ptr<T>(weights), num_tokens,
+          hidden, static_cast<T*>(dst), num_threads);
+    });
   });
 }
 
@@ -322,15 +316,12 @@ void scatter_and_dot_entry(DType dtype, const void* grad_out, int64_t num_tokens
                            void* grad_weights, int num_threads) {
   dispatch_dtype(dtype, [&](auto tag) {
     using T = decltype(tag);
-    const auto* g = static_cast<const T*>(grad_out);
-    const auto* y = static_cast<const T*>(rows);
-    auto* gw = static_cast<AccOf<T>*>(grad_weights);
-    if (grad_rows != nullptr)
-      scatter_dot_impl<T, true>(g, num_tokens, offsets, slots, acc_ptr<T>(weights), y, num_rows,
-                                hidden, static_cast<T*>(grad_rows), gw, num_threads);
-    else
-      scatter_dot_impl<T, false>(g, num_tokens, offsets, slots, acc_ptr<T>(weights), y,
-                                 num_rows, hidden, nullptr, gw, num_threads);
+    with_flag(grad_rows != nullptr, [&](auto write_rows) {
+      scatter_dot_impl<T, decltype(write_rows)::value>(
+          static_cast<const T*>(grad_out), num_tokens, offsets, slots, acc_ptr<T>(weights),
+          static_cast<const T*>(rows), num_rows, hidden, static_cast<T*>(grad_rows),
+          static_cast<AccOf<T>*>(grad_weights), num_threads);
+    });
   });
 }
 

@@ -1,6 +1,8 @@
 // CPU token-permutation ops: index construction (counting sorts over token chunks) and the
 // dispatch of the row kernels (cpu_row_kernels.h) to the best variant for this CPU.
 #include <algorithm>
+#include <cstdlib>
+#include <string>
 #include <vector>
 
 #include "cpu_common.h"
@@ -29,8 +31,11 @@ struct Chunks {
 
 // AVX2 (+F16C) doubles the width of the conversions and sums (bf16/fp16 rows are compute-bound
 // with SSE2 alone); the variant is chosen once, from what this CPU supports.
+// PATHMOE_OPS_ISA=baseline forces the portable variant (tests compare the two bitwise).
 const RowKernels& row_kernels() {
   static const RowKernels kernels = [] {
+    const char* forced = std::getenv("PATHMOE_OPS_ISA");
+    if (forced != nullptr && std::string(forced) == "baseline") return baseline_row_kernels();
 #if defined(__x86_64__)
     __builtin_cpu_init();
     if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("f16c"))

@@ -12,6 +12,7 @@
 #include <stdexcept>
 #include <string>
 
+#include "dtype_dispatch.h"
 #include "permute.h"
 
 namespace pathmoe {
@@ -98,18 +99,7 @@ struct alignas(sizeof(T) * kVec) Pack {
 
 template <typename Fn>
 void dispatch_dtype(DType dtype, Fn&& fn) {
-  switch (dtype) {
-    case DType::kFloat32:
-      return fn(float{});
-    case DType::kFloat64:
-      return fn(double{});
-    case DType::kBFloat16:
-      return fn(__nv_bfloat16{});
-    case DType::kFloat16:
-      return fn(__half{});
-  }
-  throw std::invalid_argument("pathmoe ops (CUDA): unknown dtype code " +
-                              std::to_string(static_cast<int>(dtype)));
+  dispatch_dtype_as<float, double, __nv_bfloat16, __half>(dtype, fn, "pathmoe ops (CUDA)");
 }
 
 // Calls fn(std::integral_constant<int, kVec>) with the widest access every row allows.
@@ -127,6 +117,18 @@ void dispatch_vec(int64_t hidden, std::initializer_list<const void*> pointers, F
 
 int threads_for(int64_t packs) {
   return static_cast<int>(std::min<int64_t>(kThreads, std::max<int64_t>(32, ceil_div(packs, 32) * 32)));
+}
+
+// launch(T{}, integral_constant<kVec>, threads) for the element type and the widest access.
+template <typename Launch>
+void for_rows(DType dtype, int64_t hidden, std::initializer_list<const void*> pointers,
+              Launch&& launch) {
+  dispatch_dtype(dtype, [&](auto tag) {
+    using T = decltype(tag);
+    dispatch_vec<T>(hidden, pointers, [&](auto vec) {
+      launch(tag, vec, threads_for(hidden / decltype(vec)::value));
+    });
+  });
 }
 
 // ---------------------------------------------------------------- index construction
@@ -413,21 +415,15 @@ void scatter_rows(DType dtype, const void* src, int64_t num_tokens, const int64_
                   const int64_t* slots, const void* weights, int64_t hidden, void* dst,
                   int64_t dst_rows, void* stream) {
   if (num_tokens == 0 || hidden == 0) return;
-  dispatch_dtype(dtype, [&](auto tag) {
+  for_rows(dtype, hidden, {src, dst}, [&](auto tag, auto vec, int threads) {
     using T = decltype(tag);
-    dispatch_vec<T>(hidden, {src, dst}, [&](auto vec) {
-      constexpr int kVec = decltype(vec)::value;
-      const int threads = threads_for(hidden / kVec);
-      const auto* s = static_cast<const T*>(src);
-      auto* d = static_cast<T*>(dst);
-      if (weights != nullptr)
-        scatter_rows_kernel<T, kVec, true><<<grid_for(num_tokens), threads, 0, as_stream(stream)>>>(
-            s, num_tokens, offsets, slots, acc_ptr<T>(weights), hidden, d, dst_rows);
-      else
-        scatter_rows_kernel<T, kVec, false><<<grid_for(num_tokens), threads, 0, as_stream(stream)>>>(
-            s, num_tokens, offsets, slots, nullptr, hidden, d, dst_rows);
-      check_cuda(cudaGetLastError(), "scatter_rows_kernel");
+    with_flag(weights != nullptr, [&](auto weighted) {
+      scatter_rows_kernel<T, decltype(vec)::value, decltype(weighted)::value>
+          <<<grid_for(num_tokens), threads, 0, as_stream(stream)>>>(
+              static_cast<const T*>(src), num_tokens, offsets, slots, acc_ptr<T>(weights), hidden,
+              static_cast<T*>(dst), dst_rows);
     });
+    check_cuda(cudaGetLastError(), "scatter_rows_kernel");
   });
 }
 
@@ -435,21 +431,15 @@ void segment_sum_rows(DType dtype, const void* src, int64_t src_rows, const int6
                       const int64_t* slots, const void* weights, int64_t num_tokens,
                       int64_t hidden, void* dst, void* stream) {
   if (num_tokens == 0 || hidden == 0) return;
-  dispatch_dtype(dtype, [&](auto tag) {
+  for_rows(dtype, hidden, {src, dst}, [&](auto tag, auto vec, int threads) {
     using T = decltype(tag);
-    dispatch_vec<T>(hidden, {src, dst}, [&](auto vec) {
-      constexpr int kVec = decltype(vec)::value;
-      const int threads = threads_for(hidden / kVec);
-      const auto* s = static_cast<const T*>(src);
-      auto* d = static_cast<T*>(dst);
-      if (weights != nullptr)
-        segment_sum_kernel<T, kVec, true><<<grid_for(num_tokens), threads, 0, as_stream(stream)>>>(
-            s, src_rows, offsets, slots, acc_ptr<T>(weights), num_tokens, hidden, d);
-      else
-        segment_sum_kernel<T, kVec, false><<<grid_for(num_tokens), threads, 0, as_stream(stream)>>>(
-            s, src_rows, offsets, slots, nullptr, num_tokens, hidden, d);
-      check_cuda(cudaGetLastError(), "segment_sum_kernel");
+    with_flag(weights != nullptr, [&](auto weighted) {
+      segment_sum_kernel<T, decltype(vec)::value, decltype(weighted)::value>
+          <<<grid_for(num_tokens), threads, 0, as_stream(stream)>>>(
+              static_cast<const T*>(src), src_rows, offsets, slots, acc_ptr<T>(weights),
+              num_tokens, hidden, static_cast<T*>(dst));
     });
+    check_cuda(cudaGetLastError(), "segment_sum_kernel");
   });
 }
 
@@ -458,25 +448,17 @@ void scatter_rows_and_dot(DType dtype, const void* grad_out, int64_t num_tokens,
                           const void* rows, int64_t num_rows, int64_t hidden, void* grad_rows,
                           void* grad_weights, void* stream) {
   if (num_tokens == 0) return;
-  dispatch_dtype(dtype, [&](auto tag) {
+  // threads_for gives whole warps, at most kThreads: what block_sum assumes.
+  for_rows(dtype, hidden, {grad_out, rows, grad_rows}, [&](auto tag, auto vec, int threads) {
     using T = decltype(tag);
-    using Acc = typename Element<T>::Acc;
-    dispatch_vec<T>(hidden, {grad_out, rows, grad_rows}, [&](auto vec) {
-      constexpr int kVec = decltype(vec)::value;
-      // block_sum assumes whole warps and at most kThreads threads.
-      const int threads = threads_for(hidden / kVec);
-      const auto* g = static_cast<const T*>(grad_out);
-      const auto* y = static_cast<const T*>(rows);
-      auto* gw = static_cast<Acc*>(grad_weights);
-      if (grad_rows != nullptr)
-        scatter_dot_kernel<T, kVec, true><<<grid_for(num_tokens), threads, 0, as_stream(stream)>>>(
-            g, num_tokens, offsets, slots, acc_ptr<T>(weights), y, num_rows, hidden,
-            static_cast<T*>(grad_rows), gw);
-      else
-        scatter_dot_kernel<T, kVec, false><<<grid_for(num_tokens), threads, 0, as_stream(stream)>>>(
-            g, num_tokens, offsets, slots, acc_ptr<T>(weights), y, num_rows, hidden, nullptr, gw);
-      check_cuda(cudaGetLastError(), "scatter_dot_kernel");
+    with_flag(grad_rows != nullptr, [&](auto write_rows) {
+      scatter_dot_kernel<T, decltype(vec)::value, decltype(write_rows)::value>
+          <<<grid_for(num_tokens), threads, 0, as_stream(stream)>>>(
+              static_cast<const T*>(grad_out), num_tokens, offsets, slots, acc_ptr<T>(weights),
+              static_cast<const T*>(rows), num_rows, hidden, static_cast<T*>(grad_rows),
+              static_cast<typename Element<T>::Acc*>(grad_weights));
     });
+    check_cuda(cudaGetLastError(), "scatter_dot_kernel");
   });
 }
 

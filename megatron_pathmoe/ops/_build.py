@@ -26,7 +26,8 @@ from pathlib import Path
 CSRC = Path(__file__).resolve().parents[2] / "csrc"
 CPU_SOURCES = ("bindings.cpp", "permute_cpu.cpp", "permute_cpu_avx2.cpp")
 CUDA_SOURCES = ("permute_cuda.cu",)
-HEADERS = ("permute.h", "cpu_common.h", "cpu_dtypes.h", "cpu_row_kernels.h")
+HEADERS = ("permute.h", "dtype_dispatch.h", "cpu_common.h", "cpu_dtypes.h", "cpu_vec.h",
+           "cpu_row_kernels.h")
 # Per-file instruction sets (x86-64): the AVX2 variant of the row kernels, picked at run time.
 # The baseline objects come first on the link line, so the linker keeps their copies of any
 # shared inline library code.

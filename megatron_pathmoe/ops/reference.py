@@ -11,11 +11,8 @@ from typing import Optional, Tuple
 
 import torch
 
+from megatron_pathmoe.ops._kernels import accumulation_dtype
 from megatron_pathmoe.ops.permutation import check_routing_args, drop_and_pad_capacity
-
-
-def _accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def expert_rows(routing_map: torch.Tensor,
@@ -53,7 +50,7 @@ def permute(
     sorted_indices, experts = expert_rows(routing_map, capacity)
     permuted_probs = None if probs is None else probs[sorted_indices, experts]
     # Gathering in the accumulation type makes autograd sum the gradient in it, too.
-    permuted = tokens.to(_accumulation_dtype(tokens.dtype))[sorted_indices].to(tokens.dtype)
+    permuted = tokens.to(accumulation_dtype(tokens.dtype))[sorted_indices].to(tokens.dtype)
     return permuted, permuted_probs, sorted_indices
 
 
@@ -66,7 +63,7 @@ def unpermute(
     fused: bool = False,
     drop_and_pad: bool = False,
 ) -> torch.Tensor:
-    acc_dtype = _accumulation_dtype(permuted_tokens.dtype)
+    acc_dtype = accumulation_dtype(permuted_tokens.dtype)
     rows = permuted_tokens.to(acc_dtype)
     if probs is not None:
         assert routing_map is not None, "Mask must be provided to permute the probs."

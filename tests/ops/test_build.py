@@ -38,6 +38,8 @@ def test_loaded_extension_matches_sources():
 
 
 def test_build_label_tracks_every_source(tmp_path):
+    listed = set(_build.CPU_SOURCES + _build.HEADERS + _build.CUDA_SOURCES)
+    assert {p.name for p in _build.CSRC.iterdir()} == listed  # a new file must be listed
     csrc = tmp_path / "csrc"
     shutil.copytree(_build.CSRC, csrc)
     before = _build.build_hash(False, csrc)
