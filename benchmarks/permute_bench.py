@@ -85,7 +85,7 @@ def parse_args() -> argparse.Namespace:
                    default=["dispatch", "weighted"])
     p.add_argument("--impls", nargs="+", default=["custom", "megatron", "reference"],
                    choices=("custom", "megatron", "reference", "te-fused"))
-    p.add_argument("--rounds", type=int, default=5,
+    p.add_argument("--rounds", type=int, default=4,
                    help="timed rounds (implementations interleaved); the best round is reported")
     p.add_argument("--memory", nargs="+", choices=("fresh", "reuse"), default=["fresh", "reuse"],
                    help="CPU: fresh = glibc maps every large tensor anew (first-touch page "

@@ -135,23 +135,22 @@ PATHMOE_INLINE void sum_rows(const T* base, const int64_t* slots, int64_t count,
                      const AccOf<T>* weights, int64_t hidden, int64_t n, T* out) {
   using E = Element<T>;
   using Acc = AccOf<T>;
-  using V = Vec8<T>;
+  using B = Block16<T>;
   const int64_t full = n - n % kBlock;
   for (int64_t i = 0; i < full; i += kBlock) {
-    typename V::V low = {}, high = {};
+    typename B::V low = {}, high = {};
     for (int64_t r = 0; r < count; ++r) {
-      const T* s = base + slots[r] * hidden + i;
+      typename B::V row_low, row_high;
+      B::load(base + slots[r] * hidden + i, row_low, row_high);
       if constexpr (kWeighted) {
         const Acc w = weights[slots[r]];
-        low += V::load(s) * w;
-        high += V::load(s + kVec) * w;
-      } else {
-        low += V::load(s);
-        high += V::load(s + kVec);
+        row_low *= w;
+        row_high *= w;
       }
+      low += row_low;
+      high += row_high;
     }
-    V::store(out + i, low);
-    V::store(out + i + kVec, high);
+    B::store(out + i, low, high);
   }
   for (int64_t i = full; i < n; ++i) {
     Acc acc = Acc(0);
@@ -170,32 +169,37 @@ PATHMOE_INLINE void sum_rows(const T* base, const int64_t* slots, int64_t count,
 template <typename T>
 PATHMOE_INLINE void scale_row(const T* in, AccOf<T> w, int64_t n, T* out) {
   using E = Element<T>;
-  const int64_t full = n - n % kVec;
-  for (int64_t i = 0; i < full; i += kVec) Vec8<T>::store(out + i, Vec8<T>::load(in + i) * w);
+  using B = Block16<T>;
+  const int64_t full = n - n % kBlock;
+  for (int64_t i = 0; i < full; i += kBlock) {
+    typename B::V low, high;
+    B::load(in + i, low, high);
+    B::store(out + i, low * w, high * w);
+  }
   for (int64_t i = full; i < n; ++i) out[i] = E::store(E::load(in[i]) * w);
 }
 
-// Partial sums of <g, y> in kBlock lanes (lane l holds the columns = l mod kBlock of the whole
-// blocks, then the tail), and out = g * w when kWriteRows. Lane order is fixed: deterministic.
+// Partial sums of <g, y> in kBlock lanes (lane c holds the columns = c mod kBlock of the whole
+// blocks, then the tail), and out = g * w when kWriteRows. The same columns meet in the same
+// order in every variant: deterministic, and bitwise equal across instruction sets.
 template <typename T, bool kWriteRows>
 PATHMOE_INLINE void scale_and_dot(const T* g, const T* y, AccOf<T> w, int64_t n, T* out,
                           AccOf<T>* lanes) {
   using E = Element<T>;
-  using V = Vec8<T>;
+  using B = Block16<T>;
   const int64_t full = n - n % kBlock;
-  typename V::V low = {}, high = {};
+  typename B::V low = {}, high = {};
   for (int64_t i = 0; i < full; i += kBlock) {
-    const typename V::V g0 = V::load(g + i), g1 = V::load(g + i + kVec);
-    if constexpr (kWriteRows) {
-      V::store(out + i, g0 * w);
-      V::store(out + i + kVec, g1 * w);
-    }
-    low += g0 * V::load(y + i);
-    high += g1 * V::load(y + i + kVec);
+    typename B::V g_low, g_high, y_low, y_high;
+    B::load(g + i, g_low, g_high);
+    B::load(y + i, y_low, y_high);
+    if constexpr (kWriteRows) B::store(out + i, g_low * w, g_high * w);
+    low += g_low * y_low;
+    high += g_high * y_high;
   }
   for (int l = 0; l < kVec; ++l) {
-    lanes[l] += low[l];
-    lanes[l + kVec] += high[l];
+    lanes[B::column(false, l)] += low[l];
+    lanes[B::column(true, l)] += high[l];
   }
   for (int64_t i = full; i < n; ++i) {
     const AccOf<T> gv = E::load(g[i]);

@@ -97,12 +97,14 @@ template <>
 struct Vec8<BFloat16> {
   using V = VecF;
   PATHMOE_INLINE static V load(const BFloat16* p) { return bitcast<V>(widen(load_bytes<VecU16>(p)) << 16); }
-  PATHMOE_INLINE static void store(BFloat16* p, V v) {
+  // The bf16 bit patterns (in the low 16 bits of each lane), rounded to nearest even.
+  PATHMOE_INLINE static VecU32 round(V v) {
     const VecU32 u = bitcast<VecU32>(v);
     const VecU32 rounded = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
     const VecI32 is_nan = (u & 0x7FFFFFFFu) > 0x7F800000u;
-    store_bytes(p, narrow(select(is_nan, VecU32{} + 0x7FC0u, rounded)));
+    return select(is_nan, VecU32{} + 0x7FC0u, rounded);
   }
+  PATHMOE_INLINE static void store(BFloat16* p, V v) { store_bytes(p, narrow(round(v))); }
 };
 
 #if defined(__F16C__)
@@ -149,6 +151,46 @@ struct Vec8<Float16> {
   }
 };
 #endif  // __F16C__
+
+// Sixteen elements as two vectors of 8 lanes (low, high). Sums and products are lane-wise, so
+// which column sits in which lane does not matter as long as store() undoes load(); dot
+// products name the column of each lane through column().
+template <typename T>
+struct Block16 {
+  using V = typename Vec8<T>::V;
+  PATHMOE_INLINE static void load(const T* p, V& low, V& high) {
+    low = Vec8<T>::load(p);
+    high = Vec8<T>::load(p + kVec);
+  }
+  PATHMOE_INLINE static void store(T* p, V low, V high) {
+    Vec8<T>::store(p, low);
+    Vec8<T>::store(p + kVec, high);
+  }
+  // Column (0..15) held by lane l (0..7) of the high (or low) vector.
+  static constexpr int column(bool high, int l) { return high ? l + kVec : l; }
+};
+
+#if defined(__AVX2__)
+// bf16 with AVX2: interleaving with zeros turns 16 bf16 into two float vectors in 2 instructions
+// (the widening load above takes 5 per 8); it works within 128-bit halves, so low holds columns
+// 0-3 and 8-11, high 4-7 and 12-15, and the saturating pack of the store puts them back.
+template <>
+struct Block16<BFloat16> {
+  using V = VecF;
+  PATHMOE_INLINE static void load(const BFloat16* p, V& low, V& high) {
+    const __m256i x = load_bytes<__m256i>(p);
+    const __m256i zero = _mm256_setzero_si256();
+    low = bitcast<V>(_mm256_unpacklo_epi16(zero, x));
+    high = bitcast<V>(_mm256_unpackhi_epi16(zero, x));
+  }
+  PATHMOE_INLINE static void store(BFloat16* p, V low, V high) {
+    const __m256i l = bitcast<__m256i>(Vec8<BFloat16>::round(low));
+    const __m256i h = bitcast<__m256i>(Vec8<BFloat16>::round(high));
+    store_bytes(p, _mm256_packus_epi32(l, h));  // lanes hold < 2^16: no saturation
+  }
+  static constexpr int column(bool high, int l) { return (l < 4 ? l : l + 4) + (high ? 4 : 0); }
+};
+#endif
 
 }  // namespace
 }  // namespace cpu
