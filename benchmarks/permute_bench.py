@@ -16,8 +16,8 @@ Byte model (each input read once, each output written once; indices, routing map
 are < 1% and not counted): R = tokens*hidden*s, P = tokens*topk*hidden*s. Each of permute fwd,
 unpermute fwd, unpermute bwd, permute bwd moves R + P; the weighted unpermute bwd also reads the
 permuted rows (+P). Achieved bandwidth = bytes / best time of the rounds. The copy reference is ``dst.copy_(src)``
-of a P-sized buffer into an existing one (2P bytes), timed in the same rounds; the best copy
-bandwidth of the whole run is the denominator of every percentage.
+of a P-sized buffer into an existing one (2P bytes), three times per round in the same rounds;
+the best of them is the denominator of that shape's percentages.
 Memory (CPU): "fresh" as in a plain process (glibc maps every tensor over 32 MiB anew, so the
 op that first writes it also pays the page faults and the kernel's zeroing); "reuse" keeps freed
 memory in the heap (what a caching allocator does), which isolates the ops' own bandwidth.
@@ -32,7 +32,6 @@ import argparse
 import itertools
 import os
 import platform
-import statistics
 import sys
 import time
 from dataclasses import dataclass
@@ -221,10 +220,10 @@ def too_big(cfg: Config, max_gb: float) -> bool:
 
 
 def print_table(rows: list[tuple[Config, str, dict]], impls: list[str]) -> None:
-    print("\n| tokens | hidden | experts | top-k | dtype | mode | memory | "
+    print("\n| tokens | hidden | experts | top-k | dtype | mode | memory | copy GB/s | "
           + " | ".join(f"{n} ms | {n} % copy" for n in impls)
           + " | custom speed-up vs megatron | max abs diff of grad vs megatron |")
-    print("|" + "---|" * (8 + 2 * len(impls) + 2))
+    print("|" + "---|" * (9 + 2 * len(impls) + 2))
     for cfg, alloc, res in rows:
         cells = []
         for name in impls:
@@ -233,7 +232,7 @@ def print_table(rows: list[tuple[Config, str, dict]], impls: list[str]) -> None:
         speedup = (f"{res['times']['megatron'] / res['times']['custom']:.2f}x"
                    if {"custom", "megatron"} <= set(impls) else "-")
         diff = max((d for n, d in res["diffs"].items() if n != "megatron"), default=0.0)
-        print(f"| {cfg.row()} | {alloc} | " + " | ".join(cells)
+        print(f"| {cfg.row()} | {alloc} | {res['copy_bw'] / 1e9:.1f} | " + " | ".join(cells)
               + f" | {speedup} | {diff:.1e} |")
 
 
@@ -262,12 +261,6 @@ def main() -> None:
     for cfg, alloc in tqdm([(c, a) for c in plan for a in allocs], desc="shapes",
                            file=sys.stderr):
         rows.append((cfg, alloc, run_config(cfg, impls, args.rounds, args.device, malloc, alloc)))
-    # One copy bandwidth for the whole run: the best observed (the least disturbed), so every
-    # percentage has the same, conservative denominator.
-    copy_bw = max(res["copy_bw"] for _, _, res in rows)
-    for _, _, res in rows:
-        res["copy_bw"] = copy_bw
-    print(f"\ncopy bandwidth (dst.copy_(src), best of the run): {copy_bw / 1e9:.1f} GB/s")
     print_table(rows, list(impls))
 
 
