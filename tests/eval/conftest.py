@@ -34,7 +34,14 @@ def tiny_checkpoint(megatron_world1, tmp_path_factory) -> str:
                            vocab_size=load_tokenizer(TOKENIZER).vocab_size, num_experts=4,
                            moe_router_topk=2, routing="path", path_block_size=2,
                            init_method_std=0.3)
+    from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
+
+    # The same weights whatever ran before in this session: megatron initialises some
+    # parameters from its own RNG tracker, which earlier tests advance. (With random weights a
+    # router can sit on a near-tie that TP's different rounding flips, and then TP=2 and one
+    # process legitimately score a request differently; these seeds give a checkpoint without.)
     torch.manual_seed(0)
+    model_parallel_cuda_manual_seed(1234)
     model = build_gpt_model(config)
     root = str(tmp_path_factory.mktemp("eval_ckpt"))
     save_model_checkpoint(model, config, root, 7, TOKENIZER)

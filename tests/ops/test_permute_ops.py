@@ -15,8 +15,9 @@ from megatron_pathmoe.ops import _kernels, permutation, reference
 from megatron_pathmoe.ops.extension import load_extension
 
 DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
-# Sums of k rows: both sides accumulate in fp32/fp64 in the same order; allow one ulp.
-SUM_TOL = {torch.float32: dict(rtol=1.2e-7, atol=1e-7), torch.float64: dict(rtol=1e-15, atol=0),
+# Sums of up to top-k rows, accumulated in fp32/fp64: the kernels' vector blocking can order a
+# row's terms differently from the reference (seen: 2 float32 ulps), so allow a few ulps.
+SUM_TOL = {torch.float32: dict(rtol=1e-6, atol=1e-6), torch.float64: dict(rtol=1e-15, atol=0),
            torch.bfloat16: dict(rtol=2**-7, atol=1e-5), torch.float16: dict(rtol=2**-10, atol=1e-6)}
 # Gradients of probs are dot products over the hidden size (summation order differs).
 DOT_TOL = {torch.float32: dict(rtol=1e-5, atol=1e-5), torch.float64: dict(rtol=1e-12, atol=1e-12),
