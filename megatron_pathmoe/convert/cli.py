@@ -14,8 +14,7 @@ from megatron_pathmoe.convert.checkpoint import (
     import_from_hf,
 )
 from megatron_pathmoe.convert.qwen2_moe import IMPORTABLE_ROUTING
-
-_OPTIONAL_PACKAGE_WARNINGS = r".*(Transformer Engine|Apex|apex|transformer_engine).*not installed.*"
+from megatron_pathmoe.training.pretrain import OPTIONAL_PACKAGE_WARNINGS
 
 EPILOG = """examples:
   pathmoe-convert to-hf --load runs/ckpt --output runs/hf
@@ -78,7 +77,7 @@ def run(args: argparse.Namespace) -> str | None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    warnings.filterwarnings("ignore", message=_OPTIONAL_PACKAGE_WARNINGS)
+    warnings.filterwarnings("ignore", message=OPTIONAL_PACKAGE_WARNINGS)
     args = build_parser().parse_args(argv)
     try:
         written = run(args)

