@@ -20,7 +20,6 @@ from typing import Iterator
 
 import numpy as np
 import torch
-import torch.distributed as dist
 
 from megatron_pathmoe.analysis.recorder import Slot
 
@@ -159,11 +158,6 @@ def microbatch_plan(num_samples: int, seq_length: int, micro_batch_size: int, dp
     return plan
 
 
-def _comm_device() -> torch.device:
-    return torch.device("cuda", torch.cuda.current_device()) \
-        if dist.get_backend() == "nccl" else torch.device("cpu")
-
-
 @torch.no_grad()
 def evaluate_loss(model_chunks: list[torch.nn.Module], windows: TokenWindows,
                   plan: list[Slot | None], micro_batch_size: int,
@@ -174,6 +168,7 @@ def evaluate_loss(model_chunks: list[torch.nn.Module], windows: TokenWindows,
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
     from megatron_pathmoe.training.loop import forward_step
+    from megatron_pathmoe.training.metrics import all_reduce_to_cpu
 
     forward_backward = get_forward_backward_func()
     sums = torch.zeros(2, dtype=torch.float64)
@@ -190,9 +185,7 @@ def evaluate_loss(model_chunks: list[torch.nn.Module], windows: TokenWindows,
         if progress is not None:
             progress.update(len(slots))
     # Only last-stage ranks hold reports; TP ranks repeat them, which the ratio cancels.
-    sums = sums.to(_comm_device())
-    dist.all_reduce(sums)
-    sums = sums.cpu()
+    sums = all_reduce_to_cpu(sums)
     if sums[1] == 0:
         raise RuntimeError("no token was evaluated")
     return float(sums[0] / sums[1])

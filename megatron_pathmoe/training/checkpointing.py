@@ -72,7 +72,6 @@ class RunConfig:
     training: dict = field(default_factory=dict)
     parallel: dict = field(default_factory=dict)
     has_optimizer: bool = True
-    optimizer_sharding: str = "dp_reshardable"
 
 
 # --------------------------------------------------------------------------- paths
@@ -153,8 +152,7 @@ def read_run_config(path: str) -> RunConfig:
         tokenizer_sha256=record["tokenizer"]["sha256"],
         consumed_samples=int(record.get("consumed_samples", 0)),
         training=record.get("training", {}), parallel=record.get("parallel", {}),
-        has_optimizer=bool(record.get("has_optimizer", True)),
-        optimizer_sharding=record.get("optimizer_sharding", "dp_reshardable"))
+        has_optimizer=bool(record.get("has_optimizer", True)))
 
 
 def file_sha256(path: str) -> str:
@@ -261,15 +259,19 @@ def current_layout() -> dict:
             "data_parallel_size": ps.get_data_parallel_world_size()}
 
 
+# Distributed optimizer state format: each rank's buckets (fast; loads into another DP size,
+# not another TP/PP/EP layout). megatron-core 0.16.1's "fully_reshardable" fails to load with
+# torch's Adam (no apex/TE: a KeyError on "step"), so it is not offered.
+_OPTIMIZER_SHARDING = "dp_reshardable"
+
+
 def _full_state(chunks: list, optimizer: Any, scheduler: Any, *, is_loading: bool,
-                with_rng: bool, optimizer_sharding: str = "dp_reshardable") -> dict:
+                with_rng: bool) -> dict:
     state = _model_sharded_state(chunks)
     if optimizer is not None:
-        # Distributed optimizer only: dp_reshardable writes each rank's buckets (fast; loads
-        # into another DP size, not another TP/PP/EP layout).
         state["optimizer"] = optimizer.sharded_state_dict(
             state, is_loading=is_loading,
-            metadata={"distrib_optim_sharding_type": optimizer_sharding})
+            metadata={"distrib_optim_sharding_type": _OPTIMIZER_SHARDING})
     if scheduler is not None:
         state["opt_param_scheduler"] = scheduler.state_dict()
     if with_rng:
@@ -287,9 +289,6 @@ class CheckpointMeta:
     tokenizer_path: str
     consumed_samples: int = 0
     training: dict = field(default_factory=dict)
-    # Distributed optimizer state format. megatron-core 0.16.1's "fully_reshardable" fails to
-    # load with torch's Adam (no apex/TE: a KeyError on "step"), so only dp_reshardable is used.
-    optimizer_sharding: str = "dp_reshardable"
 
 
 def _rank0() -> bool:
@@ -314,7 +313,7 @@ def _run_record(meta: CheckpointMeta, iteration: int, has_optimizer: bool) -> di
     import megatron.core
 
     return {"format": FORMAT_NAME, "version": FORMAT_VERSION, "iteration": iteration,
-            "has_optimizer": has_optimizer, "optimizer_sharding": meta.optimizer_sharding,
+            "has_optimizer": has_optimizer,
             "consumed_samples": meta.consumed_samples, "model": meta.model.to_dict(),
             "training": meta.training, "parallel": current_layout(),
             "tokenizer": {"file": TOKENIZER_FILE, "source": os.path.abspath(meta.tokenizer_path),
@@ -339,8 +338,7 @@ def save_checkpoint(root: str, iteration: int, chunks: list, optimizer: Any, sch
         shutil.rmtree(tmp, ignore_errors=True)  # left by an interrupted save
         os.makedirs(tmp)
     _barrier()
-    state = _full_state(chunks, optimizer, scheduler, is_loading=False, with_rng=True,
-                        optimizer_sharding=meta.optimizer_sharding)
+    state = _full_state(chunks, optimizer, scheduler, is_loading=False, with_rng=True)
     dist_checkpointing.save(state, tmp)  # ends with a barrier: every rank's shards are written
     if before_publish is not None:
         before_publish()
@@ -395,8 +393,7 @@ def load_checkpoint(path: str, chunks: list, optimizer: Any, scheduler: Any,
         if optimizer is not None and has_optimizer else []
     state = _full_state(chunks, optimizer if has_optimizer else None,
                         scheduler if has_optimizer else None, is_loading=True,
-                        with_rng=same_layout and has_optimizer,
-                        optimizer_sharding=run.optimizer_sharding)
+                        with_rng=same_layout and has_optimizer)
     for param_state in placeholders:  # the loaded state brings its own step
         param_state.pop("step", None)
     optimizer_loaded = "optimizer" in state and _optimizer_layout_matches(state["optimizer"], ckpt)

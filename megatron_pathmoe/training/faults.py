@@ -40,12 +40,9 @@ def _routers(chunks: list) -> list:
 
 
 def _all_reduce_max(tensor: torch.Tensor) -> torch.Tensor:
-    if dist.is_initialized():
-        device = torch.device("cuda", torch.cuda.current_device()) \
-            if dist.get_backend() == "nccl" else torch.device("cpu")
-        tensor = tensor.to(device)
-        dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
-    return tensor.cpu()
+    from megatron_pathmoe.training.metrics import all_reduce_to_cpu
+
+    return all_reduce_to_cpu(tensor, dist.ReduceOp.MAX)
 
 
 class NonFiniteGuard:

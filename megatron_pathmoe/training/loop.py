@@ -146,21 +146,15 @@ def _loss_func(loss_mask: torch.Tensor, per_token_loss: torch.Tensor):
 
 
 def _global_loss(reports: list[dict]) -> float:
+    from megatron_pathmoe.training.metrics import all_reduce_to_cpu
+
     """Token-weighted mean loss over the global batch. Only last-stage ranks hold reports;
     the all-reduce over the world gives every rank the same number (TP duplicates cancel)."""
     sums = torch.zeros(2, dtype=torch.float64)
     for report in reports:
         sums += report["lm loss"].detach().to(device="cpu", dtype=torch.float64)
-    if dist.is_initialized():
-        sums = sums.to(_comm_device())
-        dist.all_reduce(sums)
-        sums = sums.cpu()
+    sums = all_reduce_to_cpu(sums)
     return float(sums[0] / sums[1].clamp_min(1))
-
-
-def _comm_device() -> torch.device:
-    return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" \
-        else torch.device("cpu")
 
 
 @dataclass

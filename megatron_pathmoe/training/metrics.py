@@ -50,7 +50,7 @@ class ExpertLoadTracker:
     def pop_load(self) -> torch.Tensor:
         """Per-layer load relative to uniform (1.0 = balanced), summed over all ranks, then
         reset. Rows are ratios, so tokens duplicated across TP ranks cancel out."""
-        counts = _all_reduced(self.counts)
+        counts = all_reduce_to_cpu(self.counts)
         self.counts.zero_()
         totals = counts.sum(dim=1, keepdim=True).clamp_min(1)
         return counts * counts.shape[1] / totals
@@ -59,7 +59,7 @@ class ExpertLoadTracker:
         """Per-layer mean per-token routing entropy in nats (ln(num_experts) = uniform, 0 =
         one expert takes all the probability), over all ranks since the last call; then
         reset. NaN for a layer whose router records none."""
-        entropy = _all_reduced(self.entropy)
+        entropy = all_reduce_to_cpu(self.entropy)
         self.entropy.zero_()
         return torch.where(entropy[:, 1] > 0, entropy[:, 0] / entropy[:, 1].clamp_min(1),
                            torch.full_like(entropy[:, 0], float("nan")))
@@ -69,16 +69,16 @@ class ExpertLoadTracker:
             handle.remove()
 
 
-def _all_reduced(tensor: torch.Tensor) -> torch.Tensor:
-    """A summed copy over all ranks (on the communication device of the backend)."""
+def all_reduce_to_cpu(tensor: torch.Tensor, op: dist.ReduceOp = dist.ReduceOp.SUM
+                      ) -> torch.Tensor:
+    """A copy of ``tensor`` reduced over all ranks (on the backend's device), on the CPU."""
     reduced = tensor.clone()
     if dist.is_initialized():
         device = (torch.device("cuda", torch.cuda.current_device())
                   if dist.get_backend() == "nccl" else torch.device("cpu"))
         reduced = reduced.to(device)
-        dist.all_reduce(reduced)
-        reduced = reduced.cpu()
-    return reduced
+        dist.all_reduce(reduced, op=op)
+    return reduced.cpu()
 
 
 def pop_aux_losses(num_moe_layers: int, num_microbatches: int) -> dict[str, float]:
