@@ -8,6 +8,14 @@
 #     VOCAB_SIZE standing in for the tokenizer; no GPU, data or process group needed;
 #   * otherwise: torchrun with NNODES, NODE_RANK, MASTER_ADDR, MASTER_PORT, GPUS_PER_NODE
 #     (run the script on every node), reading DATA and TOKENIZER.
+# routing_flags: --routing ROUTING (default path) and, for the variants with router blocks,
+# --path-block-size BLOCK (default 4); independent, random, recurrent and lowrank take none.
+routing_flags() {
+  local routing=${ROUTING:-path}
+  echo "--routing $routing"
+  case "$routing" in path|mono|xmoe) echo "--path-block-size ${BLOCK:-4}" ;; esac
+}
+
 paper_launch() {
   local vocab_size=$1; shift
   local nnodes=${NNODES:-1} gpus=${GPUS_PER_NODE:-8} tp=${TP:-1}

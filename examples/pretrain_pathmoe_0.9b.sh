@@ -28,6 +28,6 @@ GPUS_PER_NODE=${GPUS_PER_NODE:-${NPROC:-8}} paper_launch 32000 \
   --num-layers 24 --hidden-size 1280 --num-attention-heads 20 --num-query-groups 4 \
   --moe-ffn-hidden-size "${FFN:-512}" --seq-length 4096 \
   --num-experts 16 --moe-router-topk 4 --moe-aux-loss-coeff "${AUX:-0}" \
-  --routing "${ROUTING:-path}" --path-block-size "${BLOCK:-4}" \
+  $(routing_flags) \
   --micro-batch-size "${MBS:-1}" --global-batch-size "${GBS:-1024}" \
   --train-iters "${TRAIN_ITERS:-400000}" --lr "${LR:-4e-4}" --min-lr "${MIN_LR:-4e-5}" "$@"

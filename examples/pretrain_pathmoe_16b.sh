@@ -31,6 +31,6 @@ NNODES=${NNODES:-8} PP=${PP:-2} EP=${EP:-8} paper_launch 50277 \
   --num-layers 28 --hidden-size 2048 --num-attention-heads 16 \
   --moe-ffn-hidden-size "${FFN:-1408}" --seq-length 4096 \
   --num-experts 64 --moe-router-topk 6 --moe-aux-loss-coeff "${AUX:-0}" \
-  --routing "${ROUTING:-path}" --path-block-size "${BLOCK:-4}" \
+  $(routing_flags) \
   --micro-batch-size "${MBS:-1}" --global-batch-size "${GBS:-2048}" \
   --train-iters "${TRAIN_ITERS:-200000}" --lr "${LR:-4e-4}" --min-lr "${MIN_LR:-4e-5}" "$@"

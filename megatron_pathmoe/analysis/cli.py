@@ -229,3 +229,7 @@ def main(argv: list[str] | None = None) -> int:
               f"{type(err).__name__}: {err}", file=sys.stderr, flush=True)
         return 1
     return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -232,6 +232,8 @@ class RunSummary:
     start_iteration: int = 0
     consumed_samples: int = 0
     skipped_iterations: list[int] = field(default_factory=list)
+    world_size: int = 1
+    peak_memory_gib: float | None = None  # max over ranks; see metrics.peak_memory_gib
 
 
 def _check_platform(device: str) -> None:
@@ -284,6 +286,7 @@ def pretrain(model_cfg: PathMoEConfig, train: TrainingConfig, device: str) -> Ru
         ExpertLoadTracker,
         format_entropy,
         format_load,
+        peak_memory_gib,
         pop_aux_losses,
     )
 
@@ -383,10 +386,13 @@ def pretrain(model_cfg: PathMoEConfig, train: TrainingConfig, device: str) -> Ru
         aux_losses=aux_means,
         start_iteration=start,
         consumed_samples=consumed,
-        skipped_iterations=skipped)
+        skipped_iterations=skipped,
+        world_size=world,
+        peak_memory_gib=peak_memory_gib(device))
     speed = (f" | steady-state {summary.tokens_per_second:,.0f} tokens/s "
              f"({1000 * mean_step:.0f} ms/iter)" if steady else "")
-    log(f"validation: loss {val:.4f} | perplexity {summary.valid_perplexity:.2f}{speed}")
+    log(f"validation: loss {val:.4f} | perplexity {summary.valid_perplexity:.2f}{speed} | "
+        f"peak memory {summary.peak_memory_gib:.2f} GiB per rank")
     _check_platform(device)
     if train.summary_json and dist.get_rank() == 0:
         with open(train.summary_json, "w") as f:

@@ -81,6 +81,21 @@ def all_reduce_to_cpu(tensor: torch.Tensor, op: dist.ReduceOp = dist.ReduceOp.SU
     return reduced.cpu()
 
 
+def peak_memory_gib(device: str) -> float:
+    """The largest peak memory of any rank, in GiB: the CUDA caching allocator's high-water
+    mark of allocated tensors on GPU (what must fit), the process's peak resident set on
+    CPU. Collective: call on every rank."""
+    if device == "cuda":
+        peak = torch.cuda.max_memory_allocated()
+    else:
+        import resource
+
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
+    reduced = all_reduce_to_cpu(torch.tensor([float(peak)], dtype=torch.float64),
+                                op=dist.ReduceOp.MAX)
+    return float(reduced[0]) / 2**30
+
+
 def pop_aux_losses(num_moe_layers: int, num_microbatches: int) -> dict[str, float]:
     """Per-iteration mean of each aux loss megatron's routers recorded, over the layers that
     compute it (MonoB{B} computes its losses once per block) and micro-batches, reduced

@@ -111,6 +111,23 @@ def test_example_dry_run_matches_paper_size(size):
     assert got_active == pytest.approx(active, rel=rtol)
 
 
+@pytest.mark.parametrize("size", PAPER)
+@pytest.mark.parametrize("routing,block_flag", [("independent", False), ("lowrank", False),
+                                                ("mono", True)])
+def test_example_baselines_take_block_size_only_where_it_applies(size, routing, block_flag):
+    # The documented baseline (ROUTING=independent AUX=0.01) must not be refused for a
+    # --path-block-size that independent routing has no use for.
+    result = _run_script(PAPER[size][0], DRY_RUN="1", ROUTING=routing, BLOCK="2", AUX="0.01")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert f"dry run: routing={routing} " in result.stdout
+    # The dry run echoes no block size; check the flag the script builds instead.
+    flags = subprocess.run(["bash", "-c", f"source examples/paper_common.sh; ROUTING={routing} "
+                                          "BLOCK=2 routing_flags"],
+                           capture_output=True, text=True, cwd=REPO, check=True).stdout.split()
+    assert flags[:2] == ["--routing", routing]
+    assert (flags[2:] == ["--path-block-size", "2"]) == block_flag
+
+
 def test_tiny_cpu_dry_run_needs_no_data():
     result = _run_script("examples/pretrain_tiny_cpu.sh", "--dry-run",
                          "--pipeline-model-parallel-size", "2", NPROC="2")
