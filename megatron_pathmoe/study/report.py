@@ -32,6 +32,7 @@ class Metric:
     read: Callable[[dict], float | None]
     fmt: str = "{:.2f}"
     claim: int = 0
+    spread: bool = True  # False: the same for every seed (a parameter count)
 
 
 def _load(run: dict) -> dict:
@@ -53,7 +54,7 @@ def _mean_tail(values: list[float], n: int = 20) -> float:
 
 QUALITY = (
     Metric("router_params", "router params", lambda r: r["summary"]["parameters"]["router"],
-           "{:,.0f}"),
+           "{:,.0f}", spread=False),
     Metric("valid_ppl", "held-out PPL", lambda r: r["eval"]["validation"]["perplexity"],
            claim=-1),
     Metric("train_loss", "train loss (last 20)", lambda r: _mean_tail(r["summary"]["train_losses"]),
@@ -82,7 +83,7 @@ ROUTING = (
     Metric("max_violation", "MaxVio", lambda r: _load(r)["expert_load"]["mean_max_violation"],
            "{:.2f}", claim=-1),
     Metric("unused_experts", "unused experts", lambda r: _load(r)["expert_load"]["unused_experts"],
-           "{:.0f}", claim=-1),
+           "{:.1f}", claim=-1),
 )
 METRICS = QUALITY + ROUTING
 
@@ -143,10 +144,10 @@ def paired_difference(summary: dict, metric: str, a: str, b: str) -> dict:
     return {"by_seed": diffs, "mean": mean, "std": std}
 
 
-def _cell(stat: dict, fmt: str) -> str:
+def _cell(stat: dict, fmt: str, spread: bool = True) -> str:
     if stat["mean"] != stat["mean"]:  # NaN: no value
         return "–"
-    if len(stat["by_seed"]) < 2:
+    if len(stat["by_seed"]) < 2 or not spread:
         return fmt.format(stat["mean"])
     return f"{fmt.format(stat['mean'])} ± {fmt.format(stat['std'])}"
 
@@ -157,7 +158,7 @@ def _table(summary: dict, variants: list[Variant], metrics: tuple[Metric, ...],
     lines = ["| " + " | ".join(headers) + " |", "|" + "---|" + "---:|" * (len(headers) - 1)]
     for v in variants:
         row = summary[v.key]
-        cells = [_cell(row[m.key], m.fmt) for m in metrics]
+        cells = [_cell(row[m.key], m.fmt, m.spread) for m in metrics]
         cells += [_cell(row[key], fmt) for key, _, fmt in extra]
         lines.append(f"| {v.paper_name} | " + " | ".join(cells) + " |")
     return lines
