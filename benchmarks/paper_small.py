@@ -71,18 +71,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def shipped_corpus(out_dir: str) -> tuple[str, str]:
     """Megatron indexed binaries of data/shakespeare (preprocessed once, like the main job)."""
-    prefixes = []
-    for split in ("train", "valid"):
-        prefix = os.path.join(out_dir, "data", f"shakespeare_{split}")
-        document = f"{prefix}_text_document"
-        if not os.path.exists(document + ".idx"):
-            subprocess.run([sys.executable, os.path.join(ROOT, "tools", "preprocess_data.py"),
-                            "--input", os.path.join(ROOT, "data", "shakespeare",
-                                                    f"{split}.jsonl.gz"),
-                            "--output-prefix", prefix, "--tokenizer-model", SHIPPED_TOKENIZER,
-                            "--append-eod", "--workers", "2"], check=True)
-        prefixes.append(document)
-    return prefixes[0], prefixes[1]
+    from megatron_pathmoe.data import prepare_demo_data
+
+    demo = prepare_demo_data(os.path.join(out_dir, "data"), workers=2)
+    return demo["train_prefix"], demo["valid_prefix"]
 
 
 def study_config(args: argparse.Namespace) -> StudyConfig:

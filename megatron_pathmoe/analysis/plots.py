@@ -27,7 +27,8 @@ PLOT_DESCRIPTIONS: dict[str, str] = {
 }
 
 
-def _pyplot():
+def pyplot():
+    """matplotlib.pyplot on the file-only Agg backend (no display needed)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -49,19 +50,20 @@ def _lines(ax, reports: dict, x_of: Callable, y_of: Callable, integer_x: bool = 
     ax.legend()
 
 
-def _save(fig, path: str) -> None:
+def save_figure(fig, path: str) -> None:
+    """Write ``fig`` as a PNG and free it."""
     fig.savefig(path, dpi=110)
-    _pyplot().close(fig)
+    pyplot().close(fig)
 
 
 def _line_plot(reports: dict, path: str, x_of: Callable, y_of: Callable, *, xlabel: str,
                ylabel: str, title: str, integer_x: bool = True, log_x: bool = False) -> None:
-    fig, ax = _pyplot().subplots(figsize=(6, 4), layout="constrained")
+    fig, ax = pyplot().subplots(figsize=(6, 4), layout="constrained")
     _lines(ax, reports, x_of, y_of, integer_x)
     if log_x:
         ax.set_xscale("log")
     ax.set(xlabel=xlabel, ylabel=ylabel, title=title)
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 def plot_coverage(reports: dict, path: str) -> None:
@@ -72,7 +74,7 @@ def plot_coverage(reports: dict, path: str) -> None:
 
 
 def plot_consistency(reports: dict, path: str) -> None:
-    fig, (left, right) = _pyplot().subplots(1, 2, figsize=(11, 4), layout="constrained")
+    fig, (left, right) = pyplot().subplots(1, 2, figsize=(11, 4), layout="constrained")
     _lines(left, reports, lambda r: [int(w) for w in r["consistency"]["by_window"]],
            lambda r: 100 * np.asarray(list(r["consistency"]["by_window"].values())))
     left.set(xlabel="window (consecutive layers)", ylabel="mean Jaccard of aligned top-k sets (%)",
@@ -81,7 +83,7 @@ def plot_consistency(reports: dict, path: str) -> None:
            lambda r: 100 * np.asarray(r["engagement"]["run_length_fraction"]))
     right.set(xlabel="run length (layers with the same aligned top-1 expert)",
               ylabel="runs (%)", title="Sustained engagement")
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 def plot_usage_entropy(reports: dict, path: str) -> None:
@@ -104,7 +106,7 @@ def _heatmaps(reports: dict, path: str, matrix_of: Callable, title_of: Callable,
     from matplotlib.ticker import MaxNLocator
 
     n = len(reports)
-    fig, axes = _pyplot().subplots(1, n, figsize=(5.5 * n, 4.5), squeeze=False,
+    fig, axes = pyplot().subplots(1, n, figsize=(5.5 * n, 4.5), squeeze=False,
                                    layout="constrained")
     for ax, (label, report) in zip(axes[0], reports.items()):
         matrix = matrix_of(report)
@@ -115,7 +117,7 @@ def _heatmaps(reports: dict, path: str, matrix_of: Callable, title_of: Callable,
             names = xticks(report)
             ax.set_xticks(range(len(names)), names, rotation=90, fontsize=6)
         fig.colorbar(image, ax=ax, label=colorbar)
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 def plot_categories(reports: dict, path: str) -> None:

@@ -261,12 +261,12 @@ def write_plots(cfg: StudyConfig, variants: list[Variant], seeds: list[int],
 
 
 def _summary_figure(variants: list[Variant], summary: dict, path: str) -> None:
-    from megatron_pathmoe.analysis.plots import _pyplot, _save
+    from megatron_pathmoe.analysis.plots import pyplot, save_figure
 
     panels = [("valid_ppl", "held-out perplexity"), ("path_entropy", "path entropy (bits)"),
               ("correlation", "consecutive-layer correlation (%)"),
               ("robust_p1", "PPL increase at p=1 (%)"), ("load_cv", "expert-load CV")]
-    fig, axes = _pyplot().subplots(1, len(panels), figsize=(4 * len(panels), 4),
+    fig, axes = pyplot().subplots(1, len(panels), figsize=(4 * len(panels), 4),
                                    layout="constrained")
     labels = [v.paper_name.split(" (")[0] + (" LBL" if v.key == BASELINE else "")
               for v in variants]
@@ -281,15 +281,15 @@ def _summary_figure(variants: list[Variant], summary: dict, path: str) -> None:
         finite = [m - s for m, s in zip(means, stds) if m == m]
         if key == "valid_ppl" and finite:  # differences are small against the bar height
             ax.set_ylim(bottom=0.95 * min(finite))
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 def _loss_figure(variants: list[Variant], all_runs: dict, path: str) -> None:
     import numpy as np
 
-    from megatron_pathmoe.analysis.plots import _pyplot, _save
+    from megatron_pathmoe.analysis.plots import pyplot, save_figure
 
-    fig, ax = _pyplot().subplots(figsize=(7, 4.5), layout="constrained")
+    fig, ax = pyplot().subplots(figsize=(7, 4.5), layout="constrained")
     lowest = float("inf")
     for v in variants:
         curves = np.array([run["summary"]["train_losses"] for run in all_runs[v.key].values()])
@@ -304,7 +304,7 @@ def _loss_figure(variants: list[Variant], all_runs: dict, path: str) -> None:
     ax.set_ylim(top=lowest + 2.5)  # the first iterations' losses would flatten the rest
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 def write_report(cfg: StudyConfig, variants: list[Variant], seeds: list[int],
