@@ -7,7 +7,7 @@ state tokens/s per GPU, its ratio to independent routing measured in the same ru
 largest per-GPU peak of allocated memory. Paper (Appendix B, 8 GPUs): 55.21k (Indep-MoE) vs
 55.67k (PathB4-MoE) tokens/s/GPU, 66.9 GiB.
 
-    python benchmarks/paper_gpu.py --gpus 1 --train-iters 200           # one H100/H200
+    python benchmarks/paper_gpu.py --gpus 1 --train-iters 200           # one H100/H200: Indep vs PathB4
     python benchmarks/paper_gpu.py --gpus 8 --data-path D --tokenizer-model T
 
 Without ``--data-path`` it writes a synthetic corpus: uniformly random tokens of a 32,000-word
@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import time
 import warnings
@@ -30,8 +29,13 @@ import warnings
 import numpy as np
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from megatron_pathmoe.study.runner import StageError, run_logged  # noqa: E402
+from megatron_pathmoe.study.variants import VARIANTS, Variant, select_variants  # noqa: E402
+
 LAUNCHER = os.path.join(ROOT, "examples", "pretrain_pathmoe_0.9b.sh")
-PAPER_TOKENS_PER_GPU = {"independent": 55_210, "path:4": 55_670}
+PAPER_TOKENS_PER_GPU = {"indep_aux": 55_210, "path4": 55_670}
 PAPER_MEMORY_GIB = 66.9
 SYNTHETIC_VOCAB = 32_000
 EOD = "<|endoftext|>"
@@ -40,9 +44,10 @@ EOD = "<|endoftext|>"
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--variants", nargs="+", default=["independent", "path:4"],
-                   help="ROUTING or ROUTING:BLOCK; the first is the baseline "
-                        "(default: %(default)s)")
+    p.add_argument("--variants", nargs="+", default=["path4"],
+                   help=f"from {', '.join(VARIANTS)} (benchmarks/paper_small.py's variants, "
+                        "with their aux-loss coefficients); the baseline indep_aux is always "
+                        "run (default: %(default)s)")
     p.add_argument("--gpus", type=int, default=1, help="GPUs on this node (data parallel)")
     p.add_argument("--train-iters", type=int, default=200)
     p.add_argument("--micro-batch-size", type=int, default=1)
@@ -93,25 +98,21 @@ def synthetic_corpus(out_dir: str, num_tokens: int, seed: int = 0) -> tuple[str,
     return prefix, tokenizer_path
 
 
-def run_variant(args: argparse.Namespace, variant: str, data: str, tokenizer: str,
+def run_variant(args: argparse.Namespace, variant: Variant, data: str, tokenizer: str,
                 gbs: int, tag: str) -> dict:
-    routing, _, block = variant.partition(":")
     summary = os.path.join(args.output_dir, f"{tag}.json")
     env = {**os.environ, "DATA": data, "TOKENIZER": tokenizer, "NPROC": str(args.gpus),
-           "ROUTING": routing, "BLOCK": block or "4", "AUX": "0.01" if routing != "path" else "0",
+           "ROUTING": variant.routing, "AUX": repr(variant.aux_loss),
            "TRAIN_ITERS": str(args.train_iters), "GBS": str(gbs),
            "MBS": str(args.micro_batch_size), "TRANSFORMER_IMPL": args.transformer_impl}
+    if variant.block_size is not None:
+        env["BLOCK"] = str(variant.block_size)
     warmup = max(1, args.train_iters // 10)
     command = ["bash", LAUNCHER, "--lr-warmup-iters", str(warmup), "--eval-interval", "0",
                "--eval-iters", "1", "--summary-json", summary, *args.trainer_args]
     log_path = os.path.join(args.output_dir, f"{tag}.log")
     print(f"{tag}: {' '.join(command)}  (log: {log_path})", flush=True)
-    with open(log_path, "w") as log:
-        rc = subprocess.call(command, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
-    if rc != 0 or not os.path.exists(summary):
-        with open(log_path, errors="replace") as f:
-            tail = "".join(f.readlines()[-8:])
-        raise RuntimeError(f"{tag} failed (exit {rc}); log {log_path}:\n{tail}")
+    run_logged(command, log_path, env, summary, tag)
     with open(summary) as f:
         return json.load(f)
 
@@ -141,6 +142,11 @@ def render(results: dict[str, list[dict]], baseline: str, args: argparse.Namespa
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    try:
+        variants = select_variants(args.variants)
+    except ValueError as err:
+        print(f"paper_gpu: error: {err}", file=sys.stderr)
+        return 2
     os.makedirs(args.output_dir, exist_ok=True)
     gbs = args.global_batch_size or 8 * args.gpus
     if args.data_path is None:
@@ -148,16 +154,16 @@ def main(argv: list[str] | None = None) -> int:
                                            int(1.1 * (args.train_iters + 5) * gbs * 4096))
     else:
         data, tokenizer = args.data_path, args.tokenizer_model
-    results: dict[str, list[dict]] = {v: [] for v in args.variants}
+    results: dict[str, list[dict]] = {v.key: [] for v in variants}
     try:
         for r in range(args.repeats):
-            for v in args.variants:
-                results[v].append(run_variant(args, v, data, tokenizer, gbs,
-                                              f"{v.replace(':', '_b')}_round{r}"))
-    except RuntimeError as err:
+            for v in variants:
+                results[v.key].append(run_variant(args, v, data, tokenizer, gbs,
+                                                  f"{v.key}_round{r}"))
+    except StageError as err:
         print(f"paper_gpu: error: {err}", file=sys.stderr)
         return 1
-    table = render(results, args.variants[0], args)
+    table = render(results, variants[0].key, args)
     with open(os.path.join(args.output_dir, "results.md"), "w") as f:
         f.write(table)
     print(table, end="")

@@ -27,10 +27,11 @@ import sys
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+from megatron_pathmoe.data import default_demo_paths  # noqa: E402
 from megatron_pathmoe.study.runner import ModelShape, StageError, StudyConfig, run_study  # noqa: E402
 from megatron_pathmoe.study.variants import DEFAULT_VARIANTS, VARIANTS, select_variants  # noqa: E402
 
-SHIPPED_TOKENIZER = os.path.join(ROOT, "data", "shakespeare", "tokenizer.json")
+SHIPPED_TOKENIZER = default_demo_paths()["tokenizer"]
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -52,6 +52,8 @@ def _mean_tail(values: list[float], n: int = 20) -> float:
     return statistics.fmean(values[-n:])
 
 
+TOKENS_PER_S = Metric("tokens_per_s", "tokens/s", lambda r: r["summary"]["tokens_per_second"],
+                      "{:,.0f}")
 QUALITY = (
     Metric("router_params", "router params", lambda r: r["summary"]["parameters"]["router"],
            "{:,.0f}", spread=False),
@@ -63,7 +65,7 @@ QUALITY = (
            lambda r: r["eval"]["tasks"]["lambada"]["bits_per_byte"], "{:.3f}", claim=-1),
     Metric("lambada_acc", "LAMBADA acc (%)",
            lambda r: 100 * r["eval"]["tasks"]["lambada"]["acc"], "{:.2f}", claim=+1),
-    Metric("tokens_per_s", "tokens/s", lambda r: r["summary"]["tokens_per_second"], "{:,.0f}"),
+    TOKENS_PER_S,
 )
 ROUTING = (
     Metric("path_entropy", "path entropy (bits)",
@@ -120,15 +122,14 @@ def summarize(all_runs: dict[str, dict[int, dict]]) -> dict:
     """variant -> metric -> {values by seed, mean, std}; plus tokens/s relative to the
     baseline, seed by seed (runs of one seed shared the machine at the same time)."""
     out = {}
-    base = all_runs[BASELINE]
+    base_speed = metric_values(all_runs[BASELINE], TOKENS_PER_S)
     for key, runs in all_runs.items():
         row = {}
         for metric in METRICS:
             values = metric_values(runs, metric)
             mean, std = mean_std(list(values.values()))
             row[metric.key] = {"by_seed": values, "mean": mean, "std": std}
-        speed = metric_values(runs, QUALITY[-1])
-        base_speed = metric_values(base, QUALITY[-1])
+        speed = row[TOKENS_PER_S.key]["by_seed"]
         ratios = {s: speed[s] / base_speed[s] for s in speed if s in base_speed}
         mean, std = mean_std(list(ratios.values()))
         row["speed_ratio"] = {"by_seed": ratios, "mean": mean, "std": std}

@@ -140,22 +140,27 @@ class _Progress:
         return sum(seen) / len(seen)
 
 
+def run_logged(command: list[str], log_path: str, env: dict, output: str, what: str) -> None:
+    """Run ``command`` with stdout and stderr into ``log_path``; StageError (naming ``what``,
+    the log and its last lines) unless it exits 0 and leaves ``output``."""
+    with open(log_path, "w") as log:
+        proc = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, env=env,
+                              cwd=os.getcwd())
+    if proc.returncode != 0 or not os.path.exists(output):
+        with open(log_path, errors="replace") as f:
+            tail = "".join(f.readlines()[-5:])
+        raise StageError(f"{what} failed (exit {proc.returncode}); full log: {log_path}\n{tail}")
+
+
 def _run_stage(cfg: StudyConfig, variant: Variant, seed: int, stage: tuple, env: dict) -> float:
     name, command, output = stage
     run = cfg.run_dir(variant, seed)
     os.makedirs(run, exist_ok=True)
-    log_path = os.path.join(run, f"{name}.log")
     if name == "train":  # a run cut short restarts from scratch (same seed: same result)
         shutil.rmtree(os.path.join(run, "checkpoints"), ignore_errors=True)
     start = time.monotonic()
-    with open(log_path, "w") as log:
-        proc = subprocess.run(command(cfg, variant, seed), stdout=log, stderr=subprocess.STDOUT,
-                              env=env, cwd=os.getcwd())
-    if proc.returncode != 0 or not os.path.exists(os.path.join(run, output)):
-        with open(log_path, errors="replace") as f:
-            tail = "".join(f.readlines()[-5:])
-        raise StageError(f"{name} of {variant.key} seed {seed} failed (exit "
-                         f"{proc.returncode}); full log: {log_path}\n{tail}")
+    run_logged(command(cfg, variant, seed), os.path.join(run, f"{name}.log"), env,
+               os.path.join(run, output), f"{name} of {variant.key} seed {seed}")
     return time.monotonic() - start
 
 

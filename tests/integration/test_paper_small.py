@@ -125,12 +125,13 @@ def test_gpu_script_mechanics_on_cpu(tmp_path):
                      timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     rows = [line for line in result.stdout.splitlines() if line.startswith("| ")][1:]
-    assert [r.split("|")[1].strip() for r in rows] == ["independent", "path:4"]
+    assert [r.split("|")[1].strip() for r in rows] == ["indep_aux", "path4"]
     assert rows[0].split("|")[3].strip() == "1.000"
-    for name in ("independent_round0", "path_b4_round0"):
+    for name in ("indep_aux_round0", "path4_round0"):
         s = _json(tmp_path / f"{name}.json")
         assert s["peak_memory_gib"] > 0 and s["world_size"] == 1 and s["iterations"] == 10
-    assert _json(tmp_path / "path_b4_round0.json")["routing"] == "path"
+    assert _json(tmp_path / "path4_round0.json")["routing"] == "path"
+    assert _json(tmp_path / "indep_aux_round0.json")["aux_losses"]  # LBL 0.01 as in the study
     # The synthetic corpus: 32,000-token vocabulary, documents ending with EOD (id 0).
     from megatron.core.datasets.indexed_dataset import IndexedDataset
     from tokenizers import Tokenizer
