@@ -66,10 +66,12 @@ class BuildPermuteOps(build_ext):
 _DATA = ["sentencepiece==0.2.3", "zstandard==0.25.0"]  # SentencePiece tokenizers, .zst input
 _HF = ["transformers==5.23.0", "safetensors==0.8.0",
        "lm-eval==0.4.13", "accelerate==1.15.0"]  # lm-eval's hf model imports accelerate
+_MONITORING = ["tensorboard==2.21.0", "wandb==0.31.0"]  # --tensorboard-dir, --wandb-project
 EXTRAS = {
     "data": _DATA,
     "hf": _HF,
-    "test": ["pytest>=7", *_DATA, *_HF],
+    "monitoring": _MONITORING,
+    "test": ["pytest>=7", *_DATA, *_HF, *_MONITORING],
     # GPU clusters only: transformer-engine raises at import on CPU machines.
     "gpu": ["transformer-engine[pytorch]"],
 }
