@@ -4,21 +4,32 @@
 ``permute``/``unpermute`` of ``megatron.core.transformer.moe.token_dispatcher`` (imported there
 from ``moe_utils``). Rebinding those two names is the seam: ``moe_utils`` itself is never
 touched, so ``install_permute_impl("megatron")`` restores megatron-core's own functions.
+
+"custom" binds checked wrappers of the kernels: the first call per (device, dtype, mode) runs
+:func:`megatron_pathmoe.ops.selfcheck.self_check` there. On a failure ``auto`` falls back to
+megatron-core's permutation for the rest of the process (one warning line), ``custom`` raises.
+``PATHMOE_OPS_SKIP_SELFCHECK=1`` skips the check (benchmarks). :func:`permute_impl_report`
+says what happened, for the run summary.
 """
 
 from __future__ import annotations
 
 import logging
+import time
 from typing import Callable, Optional
 
 import torch
 
-from megatron_pathmoe.ops import permutation, reference
+from megatron_pathmoe.ops import permutation, reference, selfcheck
 from megatron_pathmoe.ops.extension import load_extension
 
 logger = logging.getLogger(__name__)
 
 PERMUTE_IMPLS = ("auto", "custom", "megatron", "reference")
+
+# What install_permute_impl chose and what the self-checks found (see permute_impl_report).
+_state: dict = {"requested": None, "device": None, "fallback_reason": None}
+_checks: dict[tuple[str, str, str], str] = {}  # (device, dtype, mode) -> "passed"/"skipped"/why
 
 
 def _default_device() -> str:
@@ -27,14 +38,87 @@ def _default_device() -> str:
     return "cuda" if torch.cuda.is_available() and not cpu_platform_enabled() else "cpu"
 
 
-def _functions(impl: str) -> tuple[Callable, Callable]:
-    if impl == "custom":
-        return permutation.permute, permutation.unpermute
+def _fallback_impl() -> str:
+    """What ``auto`` uses when the custom kernels are unusable. The seam for transformer-
+    engine's fused permutation (issue 17): return it here where it is configured."""
+    return "megatron"
+
+
+def _key(tensor: torch.Tensor, drop_and_pad: bool) -> tuple[str, str, str]:
+    mode = "drop_and_pad" if drop_and_pad else "dropless"
+    return str(tensor.device), str(tensor.dtype).replace("torch.", ""), mode
+
+
+def _checked(tensor: torch.Tensor, drop_and_pad: bool) -> bool:
+    """Self-check the kernels for this call's device, dtype and mode once; True when the
+    custom kernels may run it (False: ``auto`` fell back, the caller uses the fallback)."""
+    key = _key(tensor, drop_and_pad)
+    if key not in _checks:
+        _checks[key] = _run_check(tensor.device, tensor.dtype, key[2])
+    if _checks[key] in ("passed", "skipped"):
+        return True
+    why = f"self-check on {' '.join(key)} failed: {_checks[key]}"
+    if _state["requested"] == "custom":
+        raise RuntimeError(f"--permute-impl custom: the permutation kernels {why}; use "
+                           "--permute-impl auto or megatron")
+    if _state["fallback_reason"] is None:
+        fallback = _fallback_impl()
+        logger.warning("--permute-impl auto: using %s's permute, the custom kernels' %s",
+                       fallback, why)
+        _bind(fallback)
+        _state["fallback_reason"] = why
+    return False
+
+
+def _run_check(device: torch.device, dtype: torch.dtype, mode: str) -> str:
+    if selfcheck.skipped():
+        return "skipped"
+    start = time.perf_counter()
+    try:
+        selfcheck.self_check(device, dtype, mode)
+    except selfcheck.SelfCheckError as error:
+        return str(error)
+    logger.debug("permutation self-check %s %s %s: %.1f ms", device, dtype, mode,
+                 1e3 * (time.perf_counter() - start))
+    return "passed"
+
+
+def checked_permute(tokens, routing_map, probs=None, num_out_tokens=None, fused=False,
+                    drop_and_pad=False):
+    """permutation.permute after the self-check of its device/dtype/mode (same signature)."""
+    use = permutation if fused or _checked(tokens, drop_and_pad and num_out_tokens is not None) \
+        else _module(_fallback_impl())
+    return use.permute(tokens, routing_map, probs, num_out_tokens, fused, drop_and_pad)
+
+
+def checked_unpermute(permuted_tokens, sorted_indices, restore_shape, probs=None,
+                      routing_map=None, fused=False, drop_and_pad=False):
+    """permutation.unpermute after the self-check of its device/dtype/mode (same signature)."""
+    use = permutation if fused or _checked(permuted_tokens, drop_and_pad) \
+        else _module(_fallback_impl())
+    return use.unpermute(permuted_tokens, sorted_indices, restore_shape, probs, routing_map,
+                         fused, drop_and_pad)
+
+
+def _module(impl: str):
     if impl == "reference":
-        return reference.permute, reference.unpermute
+        return reference
     from megatron.core.transformer.moe import moe_utils
 
-    return moe_utils.permute, moe_utils.unpermute
+    return moe_utils
+
+
+def _functions(impl: str) -> tuple[Callable, Callable]:
+    if impl == "custom":
+        return checked_permute, checked_unpermute
+    module = _module(impl)
+    return module.permute, module.unpermute
+
+
+def _bind(impl: str) -> None:
+    from megatron.core.transformer.moe import token_dispatcher
+
+    token_dispatcher.permute, token_dispatcher.unpermute = _functions(impl)
 
 
 def _resolve(impl: str, device: str) -> str:
@@ -49,9 +133,11 @@ def _resolve(impl: str, device: str) -> str:
         raise RuntimeError(f"--permute-impl custom: the permutation kernels are not available on "
                            f"{device} ({why}); use --permute-impl auto or megatron")
     if impl == "auto":
-        logger.warning("--permute-impl auto: using megatron-core's permute on %s, the custom "
-                       "kernels are not available (%s)", device, why)
-        return "megatron"
+        fallback = _fallback_impl()
+        logger.warning("--permute-impl auto: using %s's permute on %s, the custom "
+                       "kernels are not available (%s)", fallback, device, why)
+        _state["fallback_reason"] = f"not available on {device}: {why}"
+        return fallback
     return impl
 
 
@@ -59,11 +145,13 @@ def install_permute_impl(impl: str, device: Optional[str] = None) -> str:
     """Make megatron-core's allgather/alltoall token dispatchers use ``impl`` and return the
     implementation in effect ("auto" -> "custom" when the kernels load for ``device``, else
     "megatron" with a warning). ``device`` defaults to the training device (cuda unless absent
-    or the CPU platform is on). Idempotent; ``"megatron"`` restores megatron-core's functions."""
-    from megatron.core.transformer.moe import token_dispatcher
-
-    resolved = _resolve(impl, device or _default_device())
-    token_dispatcher.permute, token_dispatcher.unpermute = _functions(resolved)
+    or the CPU platform is on). The custom kernels are self-checked at their first use per
+    device, dtype and mode (see :func:`permute_impl_report`). Idempotent; ``"megatron"``
+    restores megatron-core's functions."""
+    device = device or _default_device()
+    _state.update(requested=impl, device=device, fallback_reason=None)
+    resolved = _resolve(impl, device)
+    _bind(resolved)
     return resolved
 
 
@@ -77,3 +165,17 @@ def installed_permute_impl() -> str:
         if current == _functions(impl):
             return impl
     return "other"
+
+
+def permute_impl_report() -> dict:
+    """JSON-ready record for the run summary: the requested and installed implementation, the
+    device, why ``auto`` fell back (or None) and every self-check run so far as
+    ``{"cuda:0 bfloat16 dropless": "passed" | "skipped" | "<what failed>"}``."""
+    return {"requested": _state["requested"], "installed": installed_permute_impl(),
+            "device": _state["device"], "fallback_reason": _state["fallback_reason"],
+            "self_checks": {" ".join(key): result for key, result in _checks.items()}}
+
+
+def _reset_self_checks() -> None:
+    """Forget the self-check results (tests that inject a broken kernel)."""
+    _checks.clear()

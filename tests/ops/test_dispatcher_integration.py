@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from megatron_pathmoe.ops import install_permute_impl, installed_permute_impl, permutation
+from megatron_pathmoe.ops import dispatcher, install_permute_impl, installed_permute_impl
 
 HIDDEN, EXPERTS, TOPK = 24, 6, 3
 
@@ -21,8 +21,9 @@ def test_install_is_idempotent_and_reversible(megatron_world1, restore_megatron_
 
     assert install_permute_impl("auto") == "custom"  # the CPU kernels build in CI
     assert install_permute_impl("custom") == "custom"
-    assert token_dispatcher.permute is permutation.permute
-    assert token_dispatcher.unpermute is permutation.unpermute
+    # The kernels behind their first-use self-check (tests/ops/test_selfcheck.py).
+    assert token_dispatcher.permute is dispatcher.checked_permute
+    assert token_dispatcher.unpermute is dispatcher.checked_unpermute
     assert install_permute_impl("reference") == installed_permute_impl() == "reference"
     assert install_permute_impl("megatron") == installed_permute_impl() == "megatron"
     assert token_dispatcher.permute is moe_utils.permute

@@ -1,8 +1,10 @@
 """The CUDA kernels against the CPU kernels (GPU machines only; skipped elsewhere).
 
 Both accumulate each token's rows in ascending row order in fp32 without FMA contraction, so
-indices, permuted rows and sums must be bitwise equal; only the probs gradient (a dot product
-over the hidden size, reduced in another order) gets a tolerance.
+what the kernels compute (indices, permuted rows, sums, the rows' gradients) must be bitwise
+equal. The probs gradient is a dot product over the hidden size reduced in another order: by
+the kernels in the weighted-unpermute mode, by torch's own mul-backward reduction (different
+on CPU and CUDA) in the probs-in-rows mode; it gets a tolerance in both.
 """
 
 from __future__ import annotations
@@ -10,7 +12,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from megatron_pathmoe.ops import permutation
+from megatron_pathmoe.ops import dispatcher, install_permute_impl, permutation, selfcheck
 from megatron_pathmoe.ops.extension import load_extension
 from tests.ops.test_permute_ops import CASES, DOT_TOL, DTYPES, forward_backward, rand, routing
 
@@ -34,7 +36,7 @@ def test_cuda_equals_cpu(dtype, case, weighted):
     got = _to(forward_backward(permutation, x.cuda(), routing_map.cuda(), probs.cuda(), weighted),
               "cpu")
     for key, value in want.items():
-        if key == "grad_probs" and weighted:
+        if key == "grad_probs":  # reduction order: torch's or the kernels' (see the docstring)
             torch.testing.assert_close(got[key], value, **DOT_TOL[dtype])
         else:
             assert torch.equal(got[key], value), key
@@ -64,3 +66,27 @@ def test_cuda_is_deterministic():
     for run in runs[1:]:
         for key, value in run.items():
             assert torch.equal(value, runs[0][key]), key
+
+
+@pytest.mark.parametrize("mode", selfcheck.MODES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_self_check_passes_on_cuda(dtype, mode):
+    selfcheck.self_check("cuda", dtype, mode)
+
+
+def test_auto_keeps_the_checked_kernels_on_cuda(monkeypatch):
+    monkeypatch.delenv(selfcheck.SKIP_ENV, raising=False)
+    dispatcher._reset_self_checks()
+    try:
+        assert install_permute_impl("auto", device="cuda") == "custom"
+        from megatron.core.transformer.moe import token_dispatcher
+
+        routing_map, probs = routing(64, 8, 2, empty=2)
+        x = rand(64, 5, dtype=torch.bfloat16, seed=1).cuda()
+        forward_backward(token_dispatcher, x, routing_map.cuda(), probs.cuda(), weighted=True)
+        report = dispatcher.permute_impl_report()
+        assert report["installed"] == "custom", report
+        assert report["self_checks"] == {"cuda:0 bfloat16 dropless": "passed"}, report
+    finally:
+        install_permute_impl("megatron")
+        dispatcher._reset_self_checks()

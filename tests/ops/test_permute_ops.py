@@ -13,15 +13,10 @@ from megatron.core.transformer.moe import moe_utils
 
 from megatron_pathmoe.ops import _kernels, permutation, reference
 from megatron_pathmoe.ops.extension import load_extension
+# The inputs and tolerances are the self-check's (what a run checks is what the tests check).
+from megatron_pathmoe.ops.selfcheck import DOT_TOL, SUM_TOL, forward_backward, rand, routing
 
 DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
-# Sums of up to top-k rows, accumulated in fp32/fp64: the kernels' vector blocking can order a
-# row's terms differently from the reference (seen: 2 float32 ulps), so allow a few ulps.
-SUM_TOL = {torch.float32: dict(rtol=1e-6, atol=1e-6), torch.float64: dict(rtol=1e-15, atol=0),
-           torch.bfloat16: dict(rtol=2**-7, atol=1e-5), torch.float16: dict(rtol=2**-10, atol=1e-6)}
-# Gradients of probs are dot products over the hidden size (summation order differs).
-DOT_TOL = {torch.float32: dict(rtol=1e-5, atol=1e-5), torch.float64: dict(rtol=1e-12, atol=1e-12),
-           torch.bfloat16: dict(rtol=1e-2, atol=1e-2), torch.float16: dict(rtol=2e-3, atol=2e-3)}
 
 # (tokens, experts, top-k, hidden, experts that receive no token)
 CASES = [
@@ -37,39 +32,6 @@ CASES = [
     (300, 64, 8, 7, 20),
     (33, 12, 2, 255, 4),
 ]
-
-
-def routing(tokens: int, experts: int, topk: int, empty: int, seed: int = 0):
-    """A top-k routing map whose first `empty` experts get no token, and masked softmax probs."""
-    g = torch.Generator().manual_seed(seed)
-    logits = torch.randn(tokens, experts, generator=g)
-    logits[:, :empty] = float("-inf")
-    routing_map = torch.zeros(tokens, experts, dtype=torch.bool)
-    routing_map.scatter_(1, logits.topk(topk, dim=1).indices, True)
-    probs = torch.softmax(logits.masked_fill(~routing_map, float("-inf")), dim=-1)
-    return routing_map, probs.nan_to_num(0.0)
-
-
-def rand(*shape, dtype, seed):
-    g = torch.Generator().manual_seed(seed)
-    return (torch.rand(*shape, generator=g) + 0.5).mul_(torch.randn(*shape, generator=g).sign()).to(dtype)
-
-
-def forward_backward(impl, x, routing_map, probs, weighted: bool, grad_seed: int = 7):
-    """permute -> (rows scaled by the permuted probs, or weighted unpermute) -> unpermute, then
-    backward of a random gradient; returns every output and gradient."""
-    x = x.detach().clone().requires_grad_(True)
-    probs = probs.detach().clone().requires_grad_(True)
-    permuted, permuted_probs, sorted_indices = impl.permute(x, routing_map, probs=probs)
-    if weighted:
-        out = impl.unpermute(permuted, sorted_indices, x.shape, probs=probs, routing_map=routing_map)
-    else:
-        rows = permuted * permuted_probs.unsqueeze(-1).to(permuted.dtype)
-        out = impl.unpermute(rows, sorted_indices, x.shape)
-    out.backward(rand(*out.shape, dtype=out.dtype, seed=grad_seed).to(out.device))
-    return dict(sorted_indices=sorted_indices, permuted=permuted.detach(),
-                permuted_probs=permuted_probs.detach(), out=out.detach(), grad_x=x.grad,
-                grad_probs=probs.grad)
 
 
 def test_extension_is_built_for_cpu():
