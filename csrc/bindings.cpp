@@ -7,6 +7,10 @@
 
 #include "permute.h"
 
+#ifndef PATHMOE_OPS_CUDA_ARCHS
+#define PATHMOE_OPS_CUDA_ARCHS "unknown"
+#endif
+
 #ifndef PATHMOE_OPS_BUILD_HASH
 #define PATHMOE_OPS_BUILD_HASH "unknown"
 #endif
@@ -141,9 +145,12 @@ PYBIND11_MODULE(_C, m) {
   bind_cpu(cpu);
 #ifdef PATHMOE_WITH_CUDA
   m.attr("has_cuda") = true;
-  auto cuda = m.def_submodule("cuda", "CUDA kernels (sm_80, sm_90)");
+  // What TORCH_CUDA_ARCH_LIST built, e.g. "80;90+PTX" (checked against the GPU at load).
+  m.attr("cuda_archs") = PATHMOE_OPS_CUDA_ARCHS;
+  auto cuda = m.def_submodule("cuda", "CUDA kernels (architectures: see cuda_archs)");
   bind_cuda(cuda);
 #else
   m.attr("has_cuda") = false;
+  m.attr("cuda_archs") = "";
 #endif
 }

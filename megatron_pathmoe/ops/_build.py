@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import os
 import platform
+import re
 import shutil
 import subprocess
 import sys
@@ -32,7 +33,14 @@ HEADERS = ("permute.h", "dtype_dispatch.h", "cpu_common.h", "cpu_dtypes.h", "cpu
 # The baseline objects come first on the link line, so the linker keeps their copies of any
 # shared inline library code.
 ISA_FLAGS = {"permute_cpu_avx2.cpp": ("-mavx2", "-mf16c")} if platform.machine() in ("x86_64", "AMD64") else {}
-CUDA_ARCHS = ("80", "90")
+# GPU architectures, as torch's extensions read TORCH_CUDA_ARCH_LIST ("8.0;9.0+PTX", "8.6 9.0",
+# "Hopper"): SASS for A100 and H100 plus PTX of the newest, which the driver JIT-compiles on
+# later GPUs instead of failing with "no kernel image is available".
+CUDA_ARCH_ENV = "TORCH_CUDA_ARCH_LIST"
+DEFAULT_CUDA_ARCHS = "8.0;9.0+PTX"
+NAMED_CUDA_ARCHS = {"Volta": "7.0+PTX", "Turing": "7.5+PTX", "Ampere": "8.0;8.6+PTX",
+                    "Ada": "8.9+PTX", "Hopper": "9.0+PTX"}
+_ARCH = re.compile(r"(\d+)\.(\d)([af]?)(\+PTX)?")
 # -ffp-contract=off: a weighted sum rounds the product before adding, exactly like
 # megatron-core's unfused unpermute (tokens * probs, then scatter_add), so fp32 matches bitwise.
 # -Wno-psabi: the vector types of cpu_vec.h never cross a call (all inlined), so the note that
@@ -54,8 +62,58 @@ def find_nvcc() -> str | None:
     return shutil.which("nvcc")
 
 
-def nvcc_arch_flags(archs: tuple[str, ...] = CUDA_ARCHS) -> list[str]:
-    return [f"-gencode=arch=compute_{a},code=sm_{a}" for a in archs]
+def cuda_archs(value: str | None = None) -> tuple[str, ...]:
+    """The architectures to build, e.g. ("80", "90+PTX"), from ``value`` (default: the
+    TORCH_CUDA_ARCH_LIST environment variable, else DEFAULT_CUDA_ARCHS)."""
+    if value is None:
+        value = os.environ.get(CUDA_ARCH_ENV) or DEFAULT_CUDA_ARCHS
+    archs = []
+    for entry in value.replace(" ", ";").split(";"):
+        for item in NAMED_CUDA_ARCHS.get(entry, entry).split(";"):
+            if not item:
+                continue
+            match = _ARCH.fullmatch(item)
+            if match is None:
+                raise BuildError(f"{CUDA_ARCH_ENV}: {item!r} is not an architecture like 8.0, "
+                                 f"9.0a, 9.0+PTX or one of {', '.join(NAMED_CUDA_ARCHS)}")
+            major, minor, suffix, ptx = match.groups()
+            archs.append(f"{major}{minor}{suffix}{ptx or ''}")
+    if not archs:
+        raise BuildError(f"{CUDA_ARCH_ENV}={value!r} names no architecture")
+    return tuple(dict.fromkeys(archs))
+
+
+def nvcc_arch_flags(archs: tuple[str, ...] | None = None) -> list[str]:
+    """-gencode flags: SASS for every architecture, plus PTX for those marked +PTX."""
+    flags = []
+    for arch in archs if archs is not None else cuda_archs():
+        code = arch.removesuffix("+PTX")
+        flags.append(f"-gencode=arch=compute_{code},code=sm_{code}")
+        if arch.endswith("+PTX"):
+            flags.append(f"-gencode=arch=compute_{code},code=compute_{code}")
+    return flags
+
+
+def arch_problem(archs: str, capability: tuple[int, int]) -> str | None:
+    """Why a module built for ``archs`` ("80;90+PTX", as the module reports it) has no kernel
+    image for a GPU of compute ``capability``, or None when it has one. SASS runs on the same
+    major version at an equal or higher minor one ("a"/"f" variants only on their own
+    architecture); PTX is JIT-compiled for any equal or newer GPU."""
+    device = capability[0] * 10 + capability[1]
+    for arch in archs.split(";"):
+        match = re.fullmatch(r"(\d+)(\d)([af]?)(\+PTX)?", arch)
+        if match is None:
+            continue
+        major, minor, suffix, ptx = int(match[1]), int(match[2]), match[3], match[4]
+        if (major, minor) == capability or (not suffix and major == capability[0] and
+                                             minor <= capability[1]):
+            return None
+        if ptx and major * 10 + minor <= device:
+            return None
+    wanted = f"{capability[0]}.{capability[1]}"
+    return (f"the CUDA kernels were built for {archs.replace(';', ', ')}, this GPU has compute "
+            f"capability {wanted} (sm_{capability[0]}{capability[1]}); rebuild with "
+            f"{CUDA_ARCH_ENV}=\"{wanted}\" (or add +PTX to the newest)")
 
 
 def extension_filename() -> str:
@@ -70,7 +128,7 @@ def build_hash(with_cuda: bool, csrc: Path = CSRC) -> str:
         digest.update(name.encode())
         digest.update((csrc / name).read_bytes())
     digest.update(repr((CXX_FLAGS, ISA_FLAGS, NVCC_FLAGS if with_cuda else (), with_cuda,
-                        CUDA_ARCHS if with_cuda else (), extension_filename())).encode())
+                        cuda_archs() if with_cuda else (), extension_filename())).encode())
     return digest.hexdigest()[:16]
 
 
@@ -111,7 +169,9 @@ def _run(cmd: list[str], log: Path) -> None:
 
 def _compile_commands(csrc: Path, objdir: Path, with_cuda: bool, label: str) -> list[list[str]]:
     cxx = os.environ.get("CXX", "c++")
-    defines = [f'-DPATHMOE_OPS_BUILD_HASH="{label}"'] + (["-DPATHMOE_WITH_CUDA"] if with_cuda else [])
+    defines = [f'-DPATHMOE_OPS_BUILD_HASH="{label}"']
+    if with_cuda:
+        defines += ["-DPATHMOE_WITH_CUDA", f'-DPATHMOE_OPS_CUDA_ARCHS="{";".join(cuda_archs())}"']
     includes = _include_flags(csrc)
     commands = [[cxx, *CXX_FLAGS, *ISA_FLAGS.get(name, ()), *defines, *includes, "-c",
                  str(csrc / name), "-o", str(objdir / (name + ".o"))] for name in CPU_SOURCES]

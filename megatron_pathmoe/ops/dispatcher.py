@@ -121,24 +121,34 @@ def _bind(impl: str) -> None:
     token_dispatcher.permute, token_dispatcher.unpermute = _functions(impl)
 
 
+def _unavailable(device: str) -> str | None:
+    """Why the custom kernels cannot run on ``device`` (None: they can)."""
+    extension = load_extension()
+    device_type = torch.device(device).type
+    if not extension.supports(device_type):
+        return extension.reason or f"the extension was built without {device_type} kernels"
+    if device_type == "cuda":
+        return extension.cuda_arch_problem(torch.cuda.get_device_capability(device))
+    return None
+
+
 def _resolve(impl: str, device: str) -> str:
     if impl not in PERMUTE_IMPLS:
         raise ValueError(f"--permute-impl must be one of {', '.join(PERMUTE_IMPLS)} "
                          f"(got {impl!r})")
-    extension = load_extension()
-    if extension.supports(device):
-        return "custom" if impl == "auto" else impl
-    why = extension.reason or f"the extension was built without {device} kernels"
+    if impl not in ("auto", "custom"):
+        return impl
+    why = _unavailable(device)
+    if why is None:
+        return "custom"
     if impl == "custom":
         raise RuntimeError(f"--permute-impl custom: the permutation kernels are not available on "
                            f"{device} ({why}); use --permute-impl auto or megatron")
-    if impl == "auto":
-        fallback = _fallback_impl()
-        logger.warning("--permute-impl auto: using %s's permute on %s, the custom "
-                       "kernels are not available (%s)", fallback, device, why)
-        _state["fallback_reason"] = f"not available on {device}: {why}"
-        return fallback
-    return impl
+    fallback = _fallback_impl()
+    logger.warning("--permute-impl auto: using %s's permute on %s, the custom "
+                   "kernels are not available (%s)", fallback, device, why)
+    _state["fallback_reason"] = f"not available on {device}: {why}"
+    return fallback
 
 
 def install_permute_impl(impl: str, device: Optional[str] = None) -> str:

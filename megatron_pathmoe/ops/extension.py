@@ -39,6 +39,11 @@ class Extension:
             return False
         return device_type == "cpu" or (device_type == "cuda" and self.module.has_cuda)
 
+    def cuda_arch_problem(self, capability: tuple[int, int]) -> str | None:
+        """Why the CUDA kernels have no image for a GPU of this compute capability (None:
+        they have one, or PTX the driver compiles for it)."""
+        return _build.arch_problem(getattr(self.module, "cuda_archs", "unknown"), capability)
+
 
 def _cuda_wanted() -> bool:
     import torch
@@ -70,10 +75,20 @@ def _installed(with_cuda: bool) -> ModuleType | None:
         return None
     if _build.CSRC.is_dir():
         label = _build.file_build_hash(Path(spec.origin))
-        current = {_build.build_hash(True)} | ({_build.build_hash(False)} if not with_cuda else set())
-        if label not in current:
+        if label not in _current_labels(with_cuda):
             return None
     return _load_file(Path(spec.origin))
+
+
+def _current_labels(with_cuda: bool) -> set[str]:
+    """Labels a current build may carry: with CUDA kernels (unless TORCH_CUDA_ARCH_LIST is
+    invalid: then a fresh build reports it), and without them when they are not wanted."""
+    labels = set() if with_cuda else {_build.build_hash(False)}
+    try:
+        labels.add(_build.build_hash(True))
+    except _build.BuildError:
+        pass
+    return labels
 
 
 def _build_cached(with_cuda: bool) -> ModuleType:
