@@ -71,7 +71,7 @@ EXTRAS = {
     "data": _DATA,
     "hf": _HF,
     "monitoring": _MONITORING,
-    "test": ["pytest>=7", *_DATA, *_HF, *_MONITORING],
+    "test": ["pytest>=7", "import-linter==2.17", *_DATA, *_HF, *_MONITORING],  # lint-imports
     # GPU clusters only: transformer-engine raises at import on CPU machines.
     "gpu": ["transformer-engine[pytorch]"],
     # PathMoE gating for DeepSpeed-MoE (megatron_pathmoe/integrations/deepspeed). Install with
