@@ -9,7 +9,8 @@ The permutation kernels in csrc/ are compiled into ``megatron_pathmoe.ops._C`` b
 megatron_pathmoe/ops/_build.py (loaded by path: it needs no torch, so pip's isolated build env,
 which pyproject.toml gives setuptools and pybind11 only, is enough). CPU kernels are always
 built; CUDA kernels when nvcc is found and the build sees a CUDA torch (``--no-build-isolation``)
-or PATHMOE_OPS_CUDA=1. A failed build only warns: the package then builds them on first use
+or PATHMOE_OPS_CUDA=1, for the architectures in TORCH_CUDA_ARCH_LIST (default "8.0;9.0+PTX").
+A failed build only warns: the package then builds them on first use
 (cached), and else falls back to megatron-core's permutation.
 """
 
@@ -72,8 +73,9 @@ EXTRAS = {
     "hf": _HF,
     "monitoring": _MONITORING,
     "test": ["pytest>=7", "import-linter==2.17", *_DATA, *_HF, *_MONITORING],  # lint-imports
-    # GPU clusters only: transformer-engine raises at import on CPU machines.
-    "gpu": ["transformer-engine[pytorch]"],
+    # GPU clusters only: transformer-engine raises at import on CPU machines. The range is
+    # megatron-core 0.16.1's own (its dev extra: transformer-engine>=2.9.0a0,<2.12.0).
+    "gpu": ["transformer-engine[pytorch]>=2.9.0a0,<2.12.0"],
     # PathMoE gating for DeepSpeed-MoE (megatron_pathmoe/integrations/deepspeed). Install with
     # DS_BUILD_OPS=0: 0.19.8 then builds no ops and keeps the installed torch (pip --dry-run).
     "deepspeed": ["deepspeed==0.19.8"],
