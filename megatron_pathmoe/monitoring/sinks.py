@@ -90,7 +90,10 @@ class WandbSink:
             os.makedirs(cfg.wandb_save_dir, exist_ok=True)
         self.run = wandb.init(project=cfg.wandb_project, name=cfg.wandb_exp_name or None,
                               entity=cfg.wandb_entity or None, dir=cfg.wandb_save_dir or None,
-                              config=dict(run_config or {}))
+                              config=dict(run_config or {}),
+                              # The trainer logs its own stdout; W&B's capture of it would
+                              # also swallow what is printed after finish().
+                              settings=wandb.Settings(console="off"))
 
     def write(self, iteration: int, scalars: Mapping[str, float], consumed_samples: int
               ) -> None:
