@@ -19,6 +19,6 @@ def memory_scalars(device: str) -> dict[str, float]:
                 "mem-max-reserved-bytes": float(stats.get("reserved_bytes.all.peak", 0))}
     import psutil
 
+    rss = psutil.Process().memory_info().rss  # before the peak: the peak includes it
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
-    return {"mem-rss-bytes": float(psutil.Process().memory_info().rss),
-            "mem-max-rss-bytes": float(peak)}
+    return {"mem-rss-bytes": float(rss), "mem-max-rss-bytes": float(max(peak, rss))}
