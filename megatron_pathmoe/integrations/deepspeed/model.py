@@ -137,7 +137,8 @@ class DeepSpeedMoEGPT(torch.nn.Module):
         self.final_norm = torch.nn.RMSNorm(config.hidden_size)
         self.output = torch.nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         for name, p in self.named_parameters():
-            if p.dim() == 2 and ".gate." not in name:  # gates keep DeepSpeed's own init
+            # gates keep DeepSpeed's init; experts (a per-rank count) must not consume this RNG
+            if p.dim() == 2 and ".gate." not in name and ".deepspeed_experts." not in name:
                 torch.nn.init.normal_(p, std=config.init_std)
         self._init_experts(ep_rank)
         cos, sin = rope_tables(config.seq_length, config.hidden_size // config.num_attention_heads,

@@ -199,14 +199,24 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
             break
     if args.log_json and dist.get_rank() == 0:
         with open(args.log_json, "w", encoding="utf-8") as f:
-            json.dump({"history": history, "shared_gates": _tie_keys(model)}, f)
+            json.dump({"history": history, **gate_layout(model, engine)}, f)
     return history
 
 
-def _tie_keys(model: torch.nn.Module) -> list[str]:
+def gate_layout(model: DeepSpeedMoEGPT, engine: Any) -> dict[str, Any]:
+    """How the gates are held now: ``gate_owner`` maps each MoE layer to the first layer holding
+    the same Parameter object; ``optimizer_numel`` is what the optimizer (ZeRO's flat groups
+    included) holds, to compare with ``model_numel`` (each shared gate counted once)."""
     from megatron_pathmoe.integrations.deepspeed.gating import shared_gate_weights
 
-    return list(shared_gate_weights(model))
+    weights = [layer.moe.deepspeed_moe.gate.wg.weight for layer in model.layers]
+    owner = [next(j for j, w in enumerate(weights) if w is weight) for weight in weights]
+    groups = getattr(engine.optimizer, "bit16_groups", None)  # ZeRO 1/2
+    if groups is None:
+        groups = [g["params"] for g in engine.optimizer.param_groups]
+    return {"shared_gates": list(shared_gate_weights(model)), "gate_owner": owner,
+            "optimizer_numel": sum(p.numel() for g in groups for p in g),
+            "model_numel": sum(p.numel() for p in model.parameters())}
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -1,0 +1,90 @@
+"""DeepSpeed's engine over gloo (torchrun): EP2 vs EP1, ZeRO-1/2 vs no ZeRO, save/stop/resume.
+
+Every run trains the same 4-layer model on the same global batches (drop-free top-2, aux loss
+off, so the loss does not depend on how tokens are split over ranks)."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+
+from tests.conftest import run_cli
+
+TRAIN = "megatron_pathmoe.integrations.deepspeed.train"
+MODEL = ["--num-layers", "4", "--hidden-size", "64", "--num-attention-heads", "4",
+         "--moe-ffn-hidden-size", "96", "--num-experts", "4", "--moe-router-topk", "2",
+         "--seq-length", "64", "--global-batch-size", "4", "--train-iters", "4", "--log-interval", "1"]
+# name: (world size, extra flags); world 2 runs EP2 with micro-batch 2, world 1 EP1 with 4.
+RUNS = {
+    "ep1_indep": (1, ["--routing", "independent", "--zero-stage", "0"]),
+    "ep2_indep": (2, ["--routing", "independent", "--zero-stage", "0"]),
+    "ep1_b2": (1, ["--path-block-size", "2", "--zero-stage", "0"]),
+    "ep2_b2": (2, ["--path-block-size", "2", "--zero-stage", "0"]),
+    "ep2_b2_zero1": (2, ["--path-block-size", "2", "--zero-stage", "1"]),
+    "ep2_b2_zero2": (2, ["--path-block-size", "2", "--zero-stage", "2"]),
+}
+
+
+@pytest.fixture(scope="module")
+def train(demo_data, tmp_path_factory):
+    out = tmp_path_factory.mktemp("ds_runs")
+    done: dict[str, dict] = {}
+
+    def run(name: str, world: int, flags: list[str]) -> dict:
+        if name not in done:
+            log = out / f"{name}.json"
+            mbs = ["--micro-batch-size", str(4 // world), "--expert-model-parallel-size", str(world)]
+            data = ["--data-path", demo_data["train_prefix"], "--valid-data-path", demo_data["valid_prefix"],
+                    "--tokenizer-model", demo_data["tokenizer"]]
+            proc = run_cli(["-m", TRAIN, *MODEL, *mbs, *data, *flags, "--log-json", str(log)], nproc=world)
+            assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+            done[name] = json.loads(log.read_text())
+        return done[name]
+
+    run.out = out
+    return run
+
+
+def losses(result: dict) -> list[float]:
+    return [h["lm_loss"] for h in result["history"]]
+
+
+@pytest.mark.parametrize("routing", ["indep", "b2"])
+def test_ep2_reproduces_ep1(train, routing):
+    ep1 = train(f"ep1_{routing}", *RUNS[f"ep1_{routing}"])
+    ep2 = train(f"ep2_{routing}", *RUNS[f"ep2_{routing}"])
+    assert len(losses(ep1)) == 4
+    torch.testing.assert_close(losses(ep2), losses(ep1), rtol=1e-6, atol=0)
+    assert losses(ep1)[-1] != losses(ep1)[0]  # it trained
+    expected_owner = [0, 1, 2, 3] if routing == "indep" else [0, 0, 2, 2]
+    assert ep1["gate_owner"] == ep2["gate_owner"] == expected_owner
+
+
+@pytest.mark.parametrize("stage", [1, 2])
+def test_zero_matches_no_zero_and_counts_shared_gate_once(train, stage):
+    plain = train("ep2_b2", *RUNS["ep2_b2"])
+    zero = train(f"ep2_b2_zero{stage}", *RUNS[f"ep2_b2_zero{stage}"])
+    torch.testing.assert_close(losses(zero), losses(plain), rtol=1e-6, atol=0)
+    for result in (plain, zero):
+        assert result["shared_gates"] == ["path.block0.weight", "path.block1.weight"]
+        assert result["optimizer_numel"] == result["model_numel"]
+        assert result["gate_owner"] == [0, 0, 2, 2]
+
+
+def test_save_stop_resume_is_bitwise_and_gate_stays_tied(train):
+    full = train("ep2_b2_zero2", *RUNS["ep2_b2_zero2"])
+    ckpt = str(train.out / "ckpt")
+    flags = RUNS["ep2_b2_zero2"][1]
+    first = train("stop_at_2", 2, [*flags, "--save", ckpt, "--exit-interval", "2"])
+    resumed = train("resume", 2, [*flags, "--load", ckpt])
+    assert losses(first) + losses(resumed) == losses(full)  # bitwise
+    assert [h["iteration"] for h in resumed["history"]] == [3, 4]
+    assert resumed["gate_owner"] == [0, 0, 2, 2]
+    assert resumed["optimizer_numel"] == resumed["model_numel"]
+    state = torch.load(os.path.join(ckpt, "iter_0000002", "mp_rank_00_model_states.pt"),
+                       map_location="cpu", weights_only=False)["module"]
+    assert [k for k in state if ".gate." in k] == ["layers.0.moe.deepspeed_moe.gate.wg.weight",
+                                                  "layers.2.moe.deepspeed_moe.gate.wg.weight"]
