@@ -116,3 +116,13 @@ def test_gate_that_is_not_deepspeeds():
     with pytest.raises(TypeError) as e:
         share_block_gates(model, 2)
     one_line_error(e, "MoE layer 2", "MyGate", "TopKGate")
+
+
+def test_importing_the_integration_does_not_import_deepspeed():
+    import subprocess
+    import sys
+
+    code = ("import sys, megatron_pathmoe.integrations.deepspeed.train; "
+            "assert 'deepspeed' not in sys.modules, 'deepspeed imported at import time'")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
