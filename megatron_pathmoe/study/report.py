@@ -145,7 +145,7 @@ def paired_difference(summary: dict, metric: str, a: str, b: str) -> dict:
     return {"by_seed": diffs, "mean": mean, "std": std}
 
 
-def _cell(stat: dict, fmt: str, spread: bool = True) -> str:
+def format_cell(stat: dict, fmt: str, spread: bool = True) -> str:
     if stat["mean"] != stat["mean"]:  # NaN: no value
         return "–"
     if len(stat["by_seed"]) < 2 or not spread:
@@ -159,8 +159,8 @@ def _table(summary: dict, variants: list[Variant], metrics: tuple[Metric, ...],
     lines = ["| " + " | ".join(headers) + " |", "|" + "---|" + "---:|" * (len(headers) - 1)]
     for v in variants:
         row = summary[v.key]
-        cells = [_cell(row[m.key], m.fmt, m.spread) for m in metrics]
-        cells += [_cell(row[key], fmt) for key, _, fmt in extra]
+        cells = [format_cell(row[m.key], m.fmt, m.spread) for m in metrics]
+        cells += [format_cell(row[key], fmt) for key, _, fmt in extra]
         lines.append(f"| {v.paper_name} | " + " | ".join(cells) + " |")
     return lines
 
@@ -198,7 +198,7 @@ def _claims_table(checks: list[dict], names: dict[str, str]) -> list[str]:
     for c in checks:
         ratio = c["difference_over_seed_std"]
         lines.append(f"| {c['header']} | {names[c['baseline']]} | {c['paper_direction']} | "
-                     f"{_cell(c['difference'], c['fmt'])} | "
+                     f"{format_cell(c['difference'], c['fmt'])} | "
                      f"{c['seeds_in_paper_direction']}/{c['seeds']} | "
                      f"{'–' if ratio is None else f'{ratio:+.1f}'} |")
     return lines

@@ -2,13 +2,17 @@
 the project's own command-line tools, several at a time.
 
 A run's stages leave one output file each (``summary.json``, ``eval.json``,
-``analysis/report.json``), written only when the stage succeeded; a stage whose output exists
-is skipped, so an interrupted study resumes where it stopped. A failing stage stops the study
-with the log file to read; completed runs are kept.
+``analysis/report.json``; with ``checkpoint_iterations`` one evaluation and one analysis per
+checkpoint, under ``iter_XXXXXXX/``), written only when the stage succeeded; a stage whose output
+exists is skipped, so an interrupted study resumes where it stopped, and training resumes from
+the run's newest checkpoint. A failing stage stops the study with the log file to read;
+completed runs are kept. With ``results_dir`` a finished run's outputs (JSON, no checkpoints)
+are copied there, and a run whose results are all there is not run again.
 """
 
 from __future__ import annotations
 
+import math
 import os
 import shutil
 import subprocess
@@ -17,6 +21,7 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
+from typing import Callable
 
 from megatron_pathmoe.study.variants import Variant
 
@@ -63,9 +68,53 @@ class StudyConfig:
     robustness_tokens: int = 8192
     threads_per_job: int = 1
     extra_train_flags: tuple[str, ...] = ()
+    checkpoint_iterations: tuple[int, ...] = ()  # () : evaluate the final model only
+    robustness_p: tuple[float, ...] = ()  # (): the analysis CLI's default sweep
+    valid_max_tokens: int | None = None  # None: perplexity on the whole held-out set
+    results_dir: str = ""  # "": a run's results stay in its run directory
 
     def run_dir(self, variant: Variant, seed: int) -> str:
-        return os.path.join(self.output_dir, "runs", f"{variant.key}_seed{seed}")
+        return os.path.join(self.output_dir, "runs", run_name(variant, seed))
+
+    def result_dir(self, variant: Variant, seed: int) -> str:
+        """Where a finished run's JSON outputs are read from (and copied to)."""
+        if not self.results_dir:
+            return self.run_dir(variant, seed)
+        return os.path.join(self.results_dir, "runs", run_name(variant, seed))
+
+
+TRACKER_FILE = "latest_checkpointed_iteration.txt"  # the trainer's --save layout
+
+
+def run_name(variant: Variant, seed: int) -> str:
+    return f"{variant.key}_seed{seed}"
+
+
+def iteration_folder(iteration: int) -> str:
+    """The checkpoint folder name of the trainer (and of a run's per-checkpoint outputs)."""
+    return f"iter_{iteration:07d}"
+
+
+def _save_flags(cfg: StudyConfig, run: str) -> list[str]:
+    """A checkpoint at every evaluated iteration (their gcd as interval), and resumption from
+    the newest one a cut-short run left (same data order: the sample count is restored)."""
+    flags = ["--save", os.path.join(run, "checkpoints")]
+    if cfg.checkpoint_iterations:
+        flags += ["--save-interval", str(math.gcd(*cfg.checkpoint_iterations))]
+    if _resumable_iteration(cfg, run) is not None:
+        flags += ["--load", os.path.join(run, "checkpoints")]
+    return flags
+
+
+def _resumable_iteration(cfg: StudyConfig, run: str) -> int | None:
+    """The iteration of the run's newest complete checkpoint when training is unfinished (the
+    trainer's tracker file is replaced only once a save is complete)."""
+    tracker = os.path.join(run, "checkpoints", TRACKER_FILE)
+    if not cfg.checkpoint_iterations or not os.path.isfile(tracker):
+        return None
+    with open(tracker) as f:
+        text = f.read().strip()
+    return int(text) if text.isdigit() and int(text) < cfg.train_iters else None
 
 
 def train_command(cfg: StudyConfig, variant: Variant, seed: int) -> list[str]:
@@ -81,34 +130,74 @@ def train_command(cfg: StudyConfig, variant: Variant, seed: int) -> list[str]:
             "--seed", str(seed), "--log-interval", str(cfg.log_interval),
             "--eval-interval", "0", "--eval-iters", "1",
             "--data-path", cfg.train_data, "--valid-data-path", cfg.valid_data,
-            "--tokenizer-model", cfg.tokenizer,
-            "--save", os.path.join(run, "checkpoints"),
+            "--tokenizer-model", cfg.tokenizer, *_save_flags(cfg, run),
             "--summary-json", os.path.join(run, "summary.json"), *cfg.extra_train_flags]
 
 
-def eval_command(cfg: StudyConfig, variant: Variant, seed: int) -> list[str]:
-    """Perplexity over the whole held-out set and LAMBADA (accuracy, bits per byte)."""
+def _checkpoint(run: str, iteration: int | None) -> str:
+    """The evaluated model: the final one (the --save root) or one iter_XXXXXXX folder."""
+    root = os.path.join(run, "checkpoints")
+    return root if iteration is None else os.path.join(root, iteration_folder(iteration))
+
+
+def _output_folder(iteration: int | None) -> str:
+    return "" if iteration is None else iteration_folder(iteration)
+
+
+def eval_command(cfg: StudyConfig, variant: Variant, seed: int,
+                 iteration: int | None = None) -> list[str]:
+    """Perplexity over the held-out set and LAMBADA (accuracy, bits per byte)."""
     run = cfg.run_dir(variant, seed)
+    cap = [] if cfg.valid_max_tokens is None else ["--valid-max-tokens", str(cfg.valid_max_tokens)]
     return [sys.executable, "-m", "megatron_pathmoe.eval.cli", "--device", "cpu",
-            "--load", os.path.join(run, "checkpoints"), "--tasks", "lambada",
-            "--limit", str(cfg.lambada_limit), "--valid-data-path", cfg.valid_data,
+            "--load", _checkpoint(run, iteration), "--tasks", "lambada",
+            "--limit", str(cfg.lambada_limit), "--valid-data-path", cfg.valid_data, *cap,
             "--label", f"{variant.key} seed {seed}", "--no-progress",
-            "--output-json", os.path.join(run, "eval.json")]
+            "--output-json", os.path.join(run, _output_folder(iteration), "eval.json")]
 
 
-def analysis_command(cfg: StudyConfig, variant: Variant, seed: int) -> list[str]:
+def analysis_command(cfg: StudyConfig, variant: Variant, seed: int,
+                     iteration: int | None = None) -> list[str]:
     """The paper's path statistics on held-out text (tools/analyze_paths.py)."""
     run = cfg.run_dir(variant, seed)
+    sweep = ["--robustness-p", *map(repr, cfg.robustness_p)] if cfg.robustness_p else []
     return [sys.executable, "-m", "megatron_pathmoe.analysis.cli", "--device", "cpu",
-            "--checkpoint", f"{variant.key}={os.path.join(run, 'checkpoints')}",
+            "--checkpoint", f"{variant.key}={_checkpoint(run, iteration)}",
             "--data", cfg.valid_data, "--tokens", str(cfg.analysis_tokens),
             "--robustness-tokens", str(cfg.robustness_tokens), "--robustness-seeds", "2",
-            "--workers", "1", "--output-dir", os.path.join(run, "analysis")]
+            *sweep, "--workers", "1",
+            "--output-dir", os.path.join(run, _output_folder(iteration), "analysis")]
 
 
-STAGES = (("train", train_command, "summary.json"),
-          ("eval", eval_command, "eval.json"),
-          ("analysis", analysis_command, os.path.join("analysis", "report.json")))
+@dataclass(frozen=True)
+class Stage:
+    """One subprocess of a run: its kind (train / eval / analysis), command and output file
+    (relative to the run directory)."""
+
+    kind: str
+    command: Callable[[StudyConfig, Variant, int], list[str]]
+    output: str
+    iteration: int | None = None
+
+    def argv(self, cfg: StudyConfig, variant: Variant, seed: int) -> list[str]:
+        if self.iteration is None:
+            return self.command(cfg, variant, seed)
+        return self.command(cfg, variant, seed, self.iteration)
+
+    def label(self) -> str:
+        return self.kind if self.iteration is None else f"{self.kind}@{self.iteration}"
+
+
+def run_stages(cfg: StudyConfig) -> list[Stage]:
+    """Training, then evaluation and analysis of the final model or of every checkpoint."""
+    iterations = cfg.checkpoint_iterations or (None,)
+    stages = [Stage("train", train_command, "summary.json")]
+    for it in iterations:
+        folder = _output_folder(it)
+        stages += [Stage("eval", eval_command, os.path.join(folder, "eval.json"), it),
+                   Stage("analysis", analysis_command,
+                         os.path.join(folder, "analysis", "report.json"), it)]
+    return stages
 
 
 @dataclass
@@ -152,38 +241,73 @@ def run_logged(command: list[str], log_path: str, env: dict, output: str, what: 
         raise StageError(f"{what} failed (exit {proc.returncode}); full log: {log_path}\n{tail}")
 
 
-def _run_stage(cfg: StudyConfig, variant: Variant, seed: int, stage: tuple, env: dict) -> float:
-    name, command, output = stage
+def _run_stage(cfg: StudyConfig, variant: Variant, seed: int, stage: Stage, env: dict) -> float:
     run = cfg.run_dir(variant, seed)
-    os.makedirs(run, exist_ok=True)
-    if name == "train":  # a run cut short restarts from scratch (same seed: same result)
-        shutil.rmtree(os.path.join(run, "checkpoints"), ignore_errors=True)
+    os.makedirs(os.path.join(run, os.path.dirname(stage.output)), exist_ok=True)
+    if stage.kind == "train" and _resumable_iteration(cfg, run) is None:
+        shutil.rmtree(os.path.join(run, "checkpoints"), ignore_errors=True)  # restart from 0
     start = time.monotonic()
-    run_logged(command(cfg, variant, seed), os.path.join(run, f"{name}.log"), env,
-               os.path.join(run, output), f"{name} of {variant.key} seed {seed}")
+    log = os.path.join(run, f"{stage.label().replace('@', '_')}.log")
+    run_logged(stage.argv(cfg, variant, seed), log, env, os.path.join(run, stage.output),
+               f"{stage.label()} of {variant.key} seed {seed}")
     return time.monotonic() - start
 
 
+def is_published(cfg: StudyConfig, variant: Variant, seed: int) -> bool:
+    """Every stage output of the run is in its result directory."""
+    return all(os.path.exists(os.path.join(cfg.result_dir(variant, seed), stage.output))
+               for stage in run_stages(cfg))
+
+
+def _publish(cfg: StudyConfig, variant: Variant, seed: int) -> None:
+    """Copy the run's JSON outputs (not its checkpoints, logs or path recordings) to its
+    result directory; the copy is complete before the last file lands (summary.json)."""
+    run, dest = cfg.run_dir(variant, seed), cfg.result_dir(variant, seed)
+    if run == dest:
+        return
+    for stage in reversed(run_stages(cfg)):
+        os.makedirs(os.path.join(dest, os.path.dirname(stage.output)), exist_ok=True)
+        shutil.copyfile(os.path.join(run, stage.output), os.path.join(dest, stage.output))
+
+
 def _run_one(cfg: StudyConfig, variant: Variant, seed: int, env: dict,
-             progress: _Progress, stop: threading.Event) -> None:
-    for stage in STAGES:
-        if os.path.exists(os.path.join(cfg.run_dir(variant, seed), stage[2])):
+             progress: _Progress, stop: threading.Event,
+             on_finished: Callable[[Variant, int], None] | None) -> None:
+    if is_published(cfg, variant, seed):
+        return
+    for stage in run_stages(cfg):
+        if os.path.exists(os.path.join(cfg.run_dir(variant, seed), stage.output)):
             continue
         if stop.is_set():  # another run failed: finish no more stages
             return
         seconds = _run_stage(cfg, variant, seed, stage, env)
-        progress.finished(stage[0], f"{stage[0]:8s} {variant.key} seed {seed}", seconds)
+        progress.finished(stage.kind, f"{stage.label():14s} {variant.key} seed {seed}", seconds)
+    _publish(cfg, variant, seed)
+    if on_finished is not None:
+        on_finished(variant, seed)
 
 
-def run_study(cfg: StudyConfig, variants: list[Variant], seeds: list[int], jobs: int) -> None:
+def _pending(cfg: StudyConfig, todo: list[tuple[Variant, int]]) -> dict[str, int]:
+    """Stages left per kind; a published run has none."""
+    remaining: dict[str, int] = {}
+    for v, s in todo:
+        for stage in run_stages(cfg):
+            left = not is_published(cfg, v, s) and not os.path.exists(
+                os.path.join(cfg.run_dir(v, s), stage.output))
+            remaining[stage.kind] = remaining.get(stage.kind, 0) + left
+    return remaining
+
+
+def run_study(cfg: StudyConfig, variants: list[Variant], seeds: list[int], jobs: int,
+              on_finished: Callable[[Variant, int], None] | None = None) -> None:
     """Every (variant, seed) run, ``jobs`` at a time, seed-major so that runs sharing the
     machine at the same moment are different variants of one seed (contention hits each
-    variant alike). Stops at the first failure, after the runs in flight end."""
+    variant alike). ``on_finished(variant, seed)`` is called after each run's results are
+    published (one call at a time). Stops at the first failure, after the runs in flight end."""
     env = {**os.environ, "OMP_NUM_THREADS": str(cfg.threads_per_job),
            "PYTHONWARNINGS": "ignore"}
     todo = [(v, s) for s in seeds for v in variants]
-    remaining = {name: sum(not os.path.exists(os.path.join(cfg.run_dir(v, s), output))
-                           for v, s in todo) for name, _, output in STAGES}
+    remaining = _pending(cfg, todo)
     pending = sum(remaining.values())
     if not pending:
         print("every run is complete; collecting results", flush=True)
@@ -192,8 +316,16 @@ def run_study(cfg: StudyConfig, variants: list[Variant], seeds: list[int], jobs:
     print(f"{pending} stages to run over {len(todo)} runs, {jobs} at a time, "
           f"{cfg.threads_per_job} thread(s) each", flush=True)
     stop = threading.Event()
+    lock = threading.Lock()
+
+    def finished(variant: Variant, seed: int) -> None:
+        with lock:
+            on_finished(variant, seed)
+
+    callback = finished if on_finished is not None else None
     with ThreadPoolExecutor(max_workers=jobs) as pool:
-        futures = [pool.submit(_run_one, cfg, v, s, env, progress, stop) for v, s in todo]
+        futures = [pool.submit(_run_one, cfg, v, s, env, progress, stop, callback)
+                   for v, s in todo]
         try:
             for future in as_completed(futures):
                 future.result()
