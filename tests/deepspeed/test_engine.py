@@ -7,11 +7,15 @@ from __future__ import annotations
 
 import json
 import os
+import signal
+import subprocess
+import sys
+import time
 
 import pytest
 import torch
 
-from tests.conftest import run_cli
+from tests.conftest import REPO, free_port, run_cli
 
 TRAIN = "megatron_pathmoe.integrations.deepspeed.train"
 MODEL = ["--num-layers", "4", "--hidden-size", "64", "--num-attention-heads", "4",
@@ -28,6 +32,12 @@ RUNS = {
 }
 
 
+def run_flags(world: int, demo_data: dict) -> list[str]:
+    return ["--micro-batch-size", str(4 // world), "--expert-model-parallel-size", str(world),
+            "--data-path", demo_data["train_prefix"], "--valid-data-path", demo_data["valid_prefix"],
+            "--tokenizer-model", demo_data["tokenizer"]]
+
+
 @pytest.fixture(scope="module")
 def train(demo_data, tmp_path_factory):
     out = tmp_path_factory.mktemp("ds_runs")
@@ -36,10 +46,8 @@ def train(demo_data, tmp_path_factory):
     def run(name: str, world: int, flags: list[str]) -> dict:
         if name not in done:
             log = out / f"{name}.json"
-            mbs = ["--micro-batch-size", str(4 // world), "--expert-model-parallel-size", str(world)]
-            data = ["--data-path", demo_data["train_prefix"], "--valid-data-path", demo_data["valid_prefix"],
-                    "--tokenizer-model", demo_data["tokenizer"]]
-            proc = run_cli(["-m", TRAIN, *MODEL, *mbs, *data, *flags, "--log-json", str(log)], nproc=world)
+            proc = run_cli(["-m", TRAIN, *MODEL, *run_flags(world, demo_data), *flags, "--log-json", str(log)],
+                           nproc=world)
             assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
             done[name] = json.loads(log.read_text())
         return done[name]
@@ -74,13 +82,37 @@ def test_zero_matches_no_zero_and_counts_shared_gate_once(train, stage):
         assert result["gate_owner"] == [0, 0, 2, 2]
 
 
-def test_save_stop_resume_is_bitwise_and_gate_stays_tied(train):
+def kill_after(args: list[str], iteration: int, timeout: float = 600) -> list[str]:
+    """Run torchrun with ``args`` and SIGKILL all its processes once ``iteration`` is logged."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--rdzv-backend=c10d",
+           f"--rdzv-endpoint=127.0.0.1:{free_port()}", *args]
+    env = dict(os.environ, PYTHONPATH=REPO, OMP_NUM_THREADS="1")
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+                            cwd=REPO, start_new_session=True)
+    lines, deadline = [], time.monotonic() + timeout
+    try:
+        for line in proc.stdout:
+            lines.append(line)
+            if line.startswith(f"iteration {iteration:5d} ") or time.monotonic() > deadline:
+                break
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    assert any(l.startswith(f"iteration {iteration:5d} ") for l in lines), "".join(lines[-40:])
+    return lines
+
+
+def test_save_kill_resume_is_bitwise_and_gate_stays_tied(train, demo_data):
     full = train("ep2_b2_zero2", *RUNS["ep2_b2_zero2"])
     ckpt = str(train.out / "ckpt")
     flags = RUNS["ep2_b2_zero2"][1]
-    first = train("stop_at_2", 2, [*flags, "--save", ckpt, "--exit-interval", "2"])
+    # checkpoint at iteration 2, killed during iteration 4 (after 3 was logged)
+    kill_after(["-m", TRAIN, *MODEL, *run_flags(2, demo_data), *flags, "--save", ckpt,
+                "--save-interval", "2"], iteration=3)
+    with open(os.path.join(ckpt, "latest"), encoding="utf-8") as f:
+        assert f.read() == "iter_0000002"
     resumed = train("resume", 2, [*flags, "--load", ckpt])
-    assert losses(first) + losses(resumed) == losses(full)  # bitwise
+    assert losses(full)[2:] == losses(resumed)  # bitwise
     assert [h["iteration"] for h in resumed["history"]] == [3, 4]
     assert resumed["gate_owner"] == [0, 0, 2, 2]
     assert resumed["optimizer_numel"] == resumed["model_numel"]
