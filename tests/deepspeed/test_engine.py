@@ -82,6 +82,16 @@ def test_zero_matches_no_zero_and_counts_shared_gate_once(train, stage):
         assert result["gate_owner"] == [0, 0, 2, 2]
 
 
+def test_bf16_trains_with_the_gate_tied(train):
+    """bf16 is meant for GPUs; DeepSpeed's CPU accelerator runs it too, so it is checked here."""
+    fp32 = train("ep1_b2", *RUNS["ep1_b2"])
+    bf16 = train("ep1_b2_bf16", 1, [*RUNS["ep1_b2"][1], "--bf16"])
+    torch.testing.assert_close(losses(bf16), losses(fp32), rtol=1e-2, atol=0)
+    assert losses(bf16) != losses(fp32)  # bf16 was in effect
+    assert bf16["gate_owner"] == [0, 0, 2, 2]
+    assert bf16["optimizer_numel"] == bf16["model_numel"]
+
+
 def kill_after(args: list[str], iteration: int, timeout: float = 600) -> list[str]:
     """Run torchrun with ``args`` and SIGKILL all its processes once ``iteration`` is logged."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--rdzv-backend=c10d",

@@ -211,9 +211,9 @@ def gate_layout(model: DeepSpeedMoEGPT, engine: Any) -> dict[str, Any]:
 
     weights = [layer.moe.deepspeed_moe.gate.wg.weight for layer in model.layers]
     owner = [next(j for j, w in enumerate(weights) if w is weight) for weight in weights]
-    groups = getattr(engine.optimizer, "bit16_groups", None)  # ZeRO 1/2
-    if groups is None:
-        groups = [g["params"] for g in engine.optimizer.param_groups]
+    opt = engine.optimizer  # ZeRO 1/2 and bf16 keep the model's own tensors in these groups
+    groups = getattr(opt, "bit16_groups", None) or getattr(opt, "bf16_groups", None) \
+        or [g["params"] for g in opt.param_groups]
     return {"shared_gates": list(shared_gate_weights(model)), "gate_owner": owner,
             "optimizer_numel": sum(p.numel() for g in groups for p in g),
             "model_numel": sum(p.numel() for p in model.parameters())}
