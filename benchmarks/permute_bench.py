@@ -223,7 +223,7 @@ def print_table(rows: list[tuple[Config, str, dict]], impls: list[str]) -> None:
     print("\n| tokens | hidden | experts | top-k | dtype | mode | memory | copy GB/s | "
           + " | ".join(f"{n} ms | {n} % copy" for n in impls)
           + " | custom speed-up vs megatron | max abs diff of grad vs megatron |")
-    print("|" + "---|" * (9 + 2 * len(impls) + 2))
+    print("|" + "---|" * (8 + 2 * len(impls) + 2))
     for cfg, alloc, res in rows:
         cells = []
         for name in impls:
