@@ -1,7 +1,25 @@
 """The one object the trainer talks to: ``Monitor.from_config`` in setup,
 ``write(iteration, scalars, ...)`` at every log interval (and after a validation),
 ``close()`` at the end. Only the logging rank (the first rank of the last pipeline stage,
-which holds the loss, as in Megatron-LM) gets sinks; elsewhere every call is a no-op."""
+which holds the loss, as in Megatron-LM) gets sinks; elsewhere every call is a no-op.
+
+Wiring, in the trainer (``mon = MonitoringConfig.from_args(args)``)::
+
+    # setup, once the checkpoint is loaded (start = its iteration, 0 for a fresh run)
+    monitor = Monitor.from_config(mon, run_dir, resume_iteration=start, run_config=config,
+                                  router_block_size=model_cfg.router_block_size or 1)
+    profiler = StepProfiler(mon, run_dir, dist.get_rank())
+    step_flops = flops_per_step(model_cfg, global_batch_size, padded_vocab_size)
+    # each iteration, first:            profiler.step(iteration)
+    # each log interval (every rank):   scalars named as monitoring.SCALARS, then
+    scalars |= throughput_scalars(step_flops, seconds_per_iter, world, peak)  # --log-throughput
+    scalars |= memory_scalars(device)                                         # --log-memory
+    monitor.write(iteration, scalars, consumed_samples=consumed, expert_load=load,
+                  routing_entropy=entropy)
+    # after a validation: monitor.write(iteration, {"lm loss validation": v,
+    #                                   "lm loss validation ppl": exp(v)}, consumed_samples=...)
+    # end: monitor.close(); profiler.close()
+"""
 
 from __future__ import annotations
 

@@ -124,3 +124,24 @@ def test_other_ranks_write_nothing(tmp_path):
     monitor.write(1, {"lm loss": 1.0}, consumed_samples=1)
     monitor.close()
     assert not list(tmp_path.iterdir())
+
+
+def test_resume_drops_what_the_resumed_run_rewrites(tmp_path):
+    """Killed after iteration 20, resumed from the checkpoint at 10: TensorBoard (purge_step)
+    and metrics.jsonl both end with one point per iteration, the resumed run's values."""
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    cfg = MonitoringConfig(tensorboard_dir=str(tmp_path / "tb"))
+    for resume, values in ((0, {5: 1.0, 10: 2.0, 15: 3.0, 20: 4.0}), (10, {15: 30.0, 20: 40.0})):
+        monitor = Monitor.from_config(cfg, str(tmp_path), resume_iteration=resume, writer=True,
+                                      log=lambda _: None)
+        for iteration, value in values.items():
+            monitor.write(iteration, {"lm loss": value}, consumed_samples=iteration)
+        monitor.close()
+    events = EventAccumulator(cfg.tensorboard_dir)
+    events.Reload()
+    assert [(p.step, p.value) for p in events.Scalars("lm loss")] == \
+        [(5, 1.0), (10, 2.0), (15, 30.0), (20, 40.0)]
+    assert [(r["iteration"], r["lm loss"]) for r in read_metrics(str(tmp_path))] == \
+        [(5, 1.0), (10, 2.0), (15, 30.0), (20, 40.0)]
