@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 
-from megatron_pathmoe.ops import dispatcher, install_permute_impl, installed_permute_impl
+from megatron_pathmoe.ops import dispatcher, extension, install_permute_impl, installed_permute_impl
 
 HIDDEN, EXPERTS, TOPK = 24, 6, 3
 
@@ -33,8 +35,11 @@ def test_install_is_idempotent_and_reversible(megatron_world1, restore_megatron_
 
 
 def test_auto_falls_back_to_megatron_with_a_reason(megatron_world1, restore_megatron_permute,
-                                                   caplog):
-    # The CPU-only build has no CUDA kernels: auto must say so and keep megatron's functions.
+                                                   caplog, monkeypatch):
+    # A build without CUDA kernels (as on CPU machines; faked so that a GPU machine's CUDA
+    # build does not change the test): auto must say so and keep megatron's functions.
+    cpu_only = extension.Extension(SimpleNamespace(has_cuda=False))
+    monkeypatch.setattr(dispatcher, "load_extension", lambda: cpu_only)
     with caplog.at_level("WARNING"):
         assert install_permute_impl("auto", device="cuda") == "megatron"
     assert "not available" in caplog.text and "cuda" in caplog.text

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import importlib.util
 import math
+import os
 import sys
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -65,3 +67,23 @@ def test_report_table_format():
     assert acceptance.table_problems(broken) == [f"line {len(report.splitlines()) - 1}: 3 cells, "
                                                  "its table has 2"]
     assert "stages" in acceptance.table_problems(report.replace("| checkpoint |", "| other |"))[0]
+
+
+def test_only_missing_modules_are_unpacked_onto_the_path(tmp_path, monkeypatch):
+    house = tmp_path / "wheelhouse"
+    house.mkdir()
+    (house / "REQUIREMENTS.txt").write_text("megatron-core==0.16.1\ntqdm==4.67.1\n")
+    for name, package in [("megatron_core-0.16.1-cp312-cp312-manylinux_2_28_x86_64.whl",
+                           "megatron/core/package_info.py"),
+                          ("tqdm-4.67.1-py3-none-any.whl", "tqdm/__init__.py")]:
+        with zipfile.ZipFile(house / name, "w") as wheel:
+            wheel.writestr(package, "MAJOR = 0\n")
+    monkeypatch.setattr(acceptance, "importable", lambda module: module == "tqdm")
+    runner = acceptance.Runner(tmp_path / "out", budget=60, dry_run=False)
+    site = tmp_path / "site"
+    assert acceptance.install_missing_wheels(runner, house, site).endswith(": megatron_core")
+    assert (site / "megatron" / "core" / "package_info.py").is_file()
+    assert not (site / "tqdm").exists()
+    assert runner.env["PYTHONPATH"].split(os.pathsep)[:2] == [str(site), REPO]
+    dry = acceptance.Runner(tmp_path / "out", budget=60, dry_run=True)
+    assert "wheelhouse ok (2 wheels" in acceptance.install_missing_wheels(dry, house, site)

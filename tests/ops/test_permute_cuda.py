@@ -21,6 +21,20 @@ pytestmark = pytest.mark.skipif(
     reason="needs a CUDA device and the CUDA kernels")
 
 
+@pytest.fixture(autouse=True)
+def real_cuda():
+    """An earlier test's megatron_world1 leaves the CPU platform on, which maps cuda tensors to
+    the CPU: these tests would then compare the CPU with itself."""
+    from megatron_pathmoe.platform import cpu_platform_enabled, disable_cpu_platform, enable_cpu_platform
+
+    was_on = cpu_platform_enabled()
+    if was_on:
+        disable_cpu_platform()
+    yield
+    if was_on:
+        enable_cpu_platform()
+
+
 def _to(results: dict, device: str) -> dict:
     return {k: v.to(device) for k, v in results.items()}
 
