@@ -65,6 +65,11 @@ class StageFailed(RuntimeError):
     """A stage's command failed or its output is wrong; the message is the table's detail."""
 
 
+def _show(cmd: list[str]) -> str:
+    """A command on one short line (for the table)."""
+    return " ".join(shlex.join(cmd[:5]).split())[:80] + "..."
+
+
 class Runner:
     """Runs stage commands with the remaining time budget, appending their output to the log."""
 
@@ -93,11 +98,17 @@ class Runner:
                                         timeout=timeout)
             except subprocess.TimeoutExpired as error:
                 log.write(error.stdout or "")
-                raise StageFailed(f"timed out after {timeout:.0f} s: {shlex.join(cmd[:4])}...")
+                raise StageFailed(f"timed out after {timeout:.0f} s: {_show(cmd)}")
             log.write(result.stdout)
         if result.returncode != 0:
-            raise StageFailed(f"exit {result.returncode}: {shlex.join(cmd[:4])}... (see {LOG})")
+            raise StageFailed(f"exit {result.returncode} of {_show(cmd)}: "
+                              f"{self.last_log_line()[:300]} (see {LOG})")
         return result.stdout
+
+    def last_log_line(self) -> str:
+        """The last non-blank line of the log (a one-line error usually ends there)."""
+        lines = [line for line in self.log.read_text(errors="replace").splitlines() if line.strip()]
+        return lines[-1].strip() if lines else ""
 
     def python(self, code: str) -> dict:
         """Run a Python snippet that prints one JSON object as its last line."""
