@@ -92,6 +92,16 @@ def test_bf16_trains_with_the_gate_tied(train):
     assert bf16["optimizer_numel"] == bf16["model_numel"]
 
 
+def test_deepspeed_launcher_gives_the_torchrun_losses(train, demo_data):
+    torchrun = train("ep2_b2", *RUNS["ep2_b2"])
+    log = train.out / "launcher.json"
+    proc = run_cli(["-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port", str(free_port()),
+                    "--module", TRAIN, *MODEL, *run_flags(2, demo_data), *RUNS["ep2_b2"][1],
+                    "--log-json", str(log)])
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert losses(json.loads(log.read_text())) == losses(torchrun)
+
+
 def kill_after(args: list[str], iteration: int, timeout: float = 600) -> list[str]:
     """Run torchrun with ``args`` and SIGKILL all its processes once ``iteration`` is logged."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--rdzv-backend=c10d",
