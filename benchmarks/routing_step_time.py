@@ -79,7 +79,8 @@ def label(cfg) -> str:
 def make_step(cfg, train, device: str, batch: dict):
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
-    from megatron_pathmoe.training.loop import build_model_and_optimizer, forward_step
+    from megatron_pathmoe.model import forward_step
+    from megatron_pathmoe.training.build import build_model_and_optimizer
 
     chunks, optimizer, _ = build_model_and_optimizer(cfg, train, device)
 
@@ -99,17 +100,14 @@ def make_step(cfg, train, device: str, batch: dict):
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    from megatron_pathmoe.platform import resolve_device
-
-    device = resolve_device(args.device)
+    from megatron_pathmoe.runtime import destroy_distributed, initialize_distributed
     from megatron_pathmoe.training.arguments import TrainingConfig
-    from megatron_pathmoe.training.loop import destroy_distributed, initialize_distributed
 
     configs = variant_configs(args)
     train = TrainingConfig(train_iters=10, lr_warmup_iters=0,
                            micro_batch_size=args.micro_batch_size,
                            global_batch_size=args.micro_batch_size)
-    initialize_distributed(next(iter(configs.values())), train, device)
+    device = initialize_distributed(next(iter(configs.values())), args.device, seed=train.seed)
     tokens = torch.randint(0, args.vocab_size, (args.micro_batch_size, args.seq_length))
     batch = dict(tokens=tokens, labels=tokens, loss_mask=torch.ones(tokens.shape),
                  position_ids=torch.arange(args.seq_length).expand(args.micro_batch_size, -1))

@@ -12,6 +12,8 @@ from typing import Any
 
 import torch
 
+from megatron_pathmoe.expert_paths import read_paths_file
+
 # --routing names (paper, Table 1): Indep-MoE, PathB{B}-MoE / PathMoE, Rand-MoE, X-MoE (with
 # --path-block-size > 1: PathB{B}X-MoE), Recurrent-MoE, MonoB{B}-MoE, LowRank-MoE.
 ROUTING_CHOICES = ("independent", "path", "random", "xmoe", "recurrent", "mono", "lowrank")
@@ -78,7 +80,9 @@ class PathMoEConfig:
     virtual_pipeline_model_parallel_size: int | None = None
 
     def validate(self, world_size: int | None = None) -> "PathMoEConfig":
-        """Raise :class:`ConfigError` naming the offending flag; returns self for chaining."""
+        """Raise :class:`ConfigError` naming the offending flag; else return the resolved
+        config (the variant's default block size recorded explicitly). ``self`` is left
+        unchanged."""
         _require(self.num_layers > 0, "--num-layers must be positive")
         _require(self.hidden_size % self.num_attention_heads == 0,
                  f"--hidden-size {self.hidden_size} is not divisible by --num-attention-heads "
@@ -93,12 +97,13 @@ class PathMoEConfig:
                  f"{self.num_experts}")
         _require(self.moe_aux_loss_coeff >= 0, "--moe-aux-loss-coeff must be >= 0")
         _require(self.routing in ROUTING_CHOICES,
-                 f"--routing {self.routing!r} is unknown; choose one of {', '.join(ROUTING_CHOICES)}")
+                 f"--routing {self.routing!r} is unknown; choose one of "
+                 f"{', '.join(ROUTING_CHOICES)}")
         _require(self.moe_token_dispatcher_type in DISPATCHER_CHOICES,
                  f"--moe-token-dispatcher-type must be one of {', '.join(DISPATCHER_CHOICES)}")
         self._validate_routing()
         self._validate_parallel(world_size)
-        return self
+        return self.replace(path_block_size=self.block_size)
 
     @property
     def block_size(self) -> int:
@@ -107,8 +112,24 @@ class PathMoEConfig:
             return self.path_block_size
         return BLOCK_ROUTING_DEFAULT_BLOCK.get(self.routing, 1)
 
+    @property
+    def has_router_blocks(self) -> bool:
+        """Whether routers are shared by blocks of layers (path, mono, xmoe)."""
+        return self.routing in BLOCK_ROUTING_DEFAULT_BLOCK
+
+    @property
+    def router_block_size(self) -> int | None:
+        """The block size of a variant with router blocks, None for the others."""
+        return self.block_size if self.has_router_blocks else None
+
+    @property
+    def routing_label(self) -> str:
+        """``path B=4``, ``mono B=2``, ``independent``: the variant as logs and tables name it."""
+        block = self.router_block_size
+        return f"{self.routing} B={block}" if block else self.routing
+
     def _validate_routing(self) -> None:
-        """The routing variant and its options; records the resolved block size."""
+        """The routing variant and its options."""
         _require(self.moe_router_score_function in SCORE_FUNCTION_CHOICES,
                  f"--moe-router-score-function must be one of {', '.join(SCORE_FUNCTION_CHOICES)}")
         self._validate_block_size()
@@ -117,12 +138,11 @@ class PathMoEConfig:
         self._validate_depth_state()
         if self.moe_path_restriction is not None:
             self._validate_path_restriction()
-        self.path_block_size = self.block_size
 
     def _validate_block_size(self) -> None:
         b = self.block_size
         _require(b >= 1, "--path-block-size must be at least 1")
-        _require(self.routing in BLOCK_ROUTING_DEFAULT_BLOCK or b == 1,
+        _require(self.has_router_blocks or b == 1,
                  f"--path-block-size {b}: --routing {self.routing} has no router blocks; block "
                  f"sizes apply to --routing {', '.join(BLOCK_ROUTING_DEFAULT_BLOCK)}")
         _require(self.num_layers % b == 0,
@@ -165,7 +185,7 @@ class PathMoEConfig:
                  "--routing recurrent needs --pipeline-model-parallel-size 1: its GRU state runs "
                  "from each layer's router to the next one and would have to cross pipeline "
                  "stages with the activations, which is not implemented")
-        chunks = pp * (getattr(self, "virtual_pipeline_model_parallel_size", None) or 1)
+        chunks = pp * (self.virtual_pipeline_model_parallel_size or 1)
         per_chunk = self.num_layers // max(chunks, 1)
         _require(self.routing != "mono" or per_chunk % self.block_size == 0,
                  f"--routing mono --path-block-size {self.block_size}: a block would span "
@@ -178,8 +198,6 @@ class PathMoEConfig:
                  "size that divides the layers per stage")
 
     def _validate_path_restriction(self) -> None:
-        from megatron_pathmoe.routing.restriction import read_paths_file
-
         flag = f"--moe-path-restriction {self.moe_path_restriction}"
         _require(self.routing != "mono",
                  f"{flag}: --routing mono reuses each block's first decision, so a path cannot "

@@ -7,13 +7,10 @@ python (one process) or ``torchrun --nproc_per_node N`` for a TP/PP/EP layout.
 
 import os
 import sys
-import warnings
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 if __name__ == "__main__":
-    # Before megatron is imported: its import-time notes about optional GPU packages.
-    warnings.filterwarnings("ignore", category=UserWarning, module=r"(megatron|torch)\.")
     from megatron_pathmoe.analysis.cli import main
 
     sys.exit(main())

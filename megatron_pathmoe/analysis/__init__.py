@@ -10,9 +10,12 @@
 - ``categories``: Table 9 token categories and path specialisation;
 - ``robustness``: perplexity under random expert permutations;
 - ``report`` / ``plots`` / ``pipeline`` / ``cli``: the tools/analyze_paths.py pipeline;
+- ``record_paths``: the most frequent top-1 paths of a checkpoint (for
+  ``--moe-path-restriction``), counted by the recorder's ``Top1PathRecorder``;
 - ``synthetic``: routing recordings with a known structure.
 
-The metric modules never import megatron: they run on a recording alone.
+The metric modules never import megatron: they run on a recording alone. The rest loads models
+through ``checkpoint/`` on ``runtime/``, never through ``training/``.
 """
 
 from megatron_pathmoe.analysis.path_arrays import (

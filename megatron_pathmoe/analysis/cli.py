@@ -5,14 +5,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import sys
 import textwrap
-import warnings
 
 from megatron_pathmoe.analysis.plots import PLOT_DESCRIPTIONS, PLOT_FILES
 from megatron_pathmoe.analysis.report import DEFAULT_TOP_PATHS
-from megatron_pathmoe.analysis.robustness import DEFAULT_P
+from megatron_pathmoe.ops import PERMUTE_IMPLS
+from megatron_pathmoe.platform import DEVICE_CHOICES
+from megatron_pathmoe.runtime import is_rank0, quiet_warnings, report_failure
 
 REPORT_FILE = "report.json"
 REPORT_FORMAT = "pathmoe-path-report"
@@ -41,6 +41,9 @@ def _outputs_help() -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    # Imports megatron (router hooks): after main's warning filter.
+    from megatron_pathmoe.analysis.robustness import DEFAULT_P
+
     parser = argparse.ArgumentParser(
         prog=PROG, formatter_class=argparse.RawDescriptionHelpFormatter,
         description=textwrap.fill(
@@ -77,7 +80,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--tensor-model-parallel-size", type=int, default=1)
     parser.add_argument("--pipeline-model-parallel-size", type=int, default=1)
     parser.add_argument("--expert-model-parallel-size", type=int, default=1)
-    parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    parser.add_argument("--device", default="auto", choices=DEVICE_CHOICES)
+    parser.add_argument("--permute-impl", choices=PERMUTE_IMPLS, default="auto",
+                        help="token permutation of the MoE dispatch (see pathmoe-pretrain "
+                             "--help)")
     parser.add_argument("--workers", type=int, default=2,
                         help="threads for the path statistics (default %(default)s)")
     return parser
@@ -114,7 +120,7 @@ def _layout(args) -> dict:
 def validate(args, world_size: int) -> list[tuple[str, str]]:
     """Everything checkable before any process group: raises ValueError naming the flag."""
     from megatron_pathmoe.analysis.forward import check_data_source
-    from megatron_pathmoe.training.checkpointing import CheckpointError, read_run_config
+    from megatron_pathmoe.checkpoint import CheckpointError, read_run_config
 
     if args.tokens < 1 or args.micro_batch_size < 1 or args.top_paths < 1 \
             or args.robustness_seeds < 1 or args.robustness_tokens < 0 or args.workers < 1:
@@ -170,47 +176,31 @@ def write_outputs(reports: dict, args) -> dict:
 
 def run(args, checkpoints: list[tuple[str, str]]) -> None:
     """The analysis on every rank (process group and parallel state set up here)."""
-    import torch.distributed as dist
-
     from megatron_pathmoe.analysis.pipeline import AnalysisOptions, analyze_checkpoint
     from megatron_pathmoe.config import PathMoEConfig
-    from megatron_pathmoe.platform import resolve_device
-    from megatron_pathmoe.training.arguments import TrainingConfig
-    from megatron_pathmoe.training.loop import destroy_distributed, initialize_distributed
+    from megatron_pathmoe.runtime import distributed
 
-    device = resolve_device(args.device)
-    initialize_distributed(PathMoEConfig(**_layout(args)), TrainingConfig(), device)
-    try:
+    with distributed(PathMoEConfig(**_layout(args)), args.device) as device:
         options = AnalysisOptions(
             data=args.data, num_tokens=args.tokens, output_dir=args.output_dir,
             seq_length=args.seq_length, micro_batch_size=args.micro_batch_size,
             top_paths=args.top_paths, robustness_p=tuple(args.robustness_p),
             robustness_seeds=args.robustness_seeds, robustness_tokens=args.robustness_tokens,
-            workers=args.workers, device=device)
+            workers=args.workers, device=device, permute_impl=args.permute_impl)
         reports = {}
         for label, path in checkpoints:
             report = analyze_checkpoint(label, path, options)
-            if dist.get_rank() == 0:
+            if is_rank0():
                 reports[label] = report
                 print(_summary_line(label, report), flush=True)
-        if dist.get_rank() == 0:
+        if is_rank0():
             plots = write_outputs(reports, args)
             print(f"wrote {os.path.join(args.output_dir, REPORT_FILE)} and "
                   f"{len(plots)} plots to {args.output_dir}", flush=True)
-    finally:
-        destroy_distributed()
-
-
-def quiet_library_warnings() -> None:
-    """megatron's notes about optional GPU packages and layout hints, and deprecations inside
-    megatron's and torch's checkpoint loading, say nothing about the analysis. Call before
-    megatron is imported to also silence its import-time notes."""
-    warnings.filterwarnings("ignore", category=UserWarning, module=r"(megatron|torch)\.")
-    warnings.filterwarnings("ignore", category=FutureWarning)
 
 
 def main(argv: list[str] | None = None) -> int:
-    quiet_library_warnings()
+    quiet_warnings()
     args = build_parser().parse_args(argv)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     try:
@@ -222,12 +212,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         run(args, checkpoints)
     except Exception as err:  # name the rank: torchrun interleaves every rank's stderr
-        import traceback
-
-        traceback.print_exc()
-        print(f"{PROG}: rank {os.environ.get('RANK', '0')} on {socket.gethostname()} failed: "
-              f"{type(err).__name__}: {err}", file=sys.stderr, flush=True)
-        return 1
+        return report_failure(PROG, err)
     return 0
 
 

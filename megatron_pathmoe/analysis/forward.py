@@ -165,23 +165,16 @@ def evaluate_loss(model_chunks: list[torch.nn.Module], windows: TokenWindows,
     """Mean next-token loss (nats) over the plan's tokens on all ranks; ``group``
     micro-batches per schedule call (the pipeline fills within a call). ``progress`` (a tqdm
     bar) advances by one per micro-batch of this rank."""
-    from megatron.core.pipeline_parallel import get_forward_backward_func
+    from megatron_pathmoe.model import forward_backward, loss_sums
+    from megatron_pathmoe.runtime import all_reduce_to_cpu
 
-    from megatron_pathmoe.training.loop import forward_step
-    from megatron_pathmoe.training.metrics import all_reduce_to_cpu
-
-    forward_backward = get_forward_backward_func()
     sums = torch.zeros(2, dtype=torch.float64)
     for start in range(0, len(plan), group):
         slots = plan[start:start + group]
         batches = iter([windows.batch(slot, micro_batch_size) for slot in slots])
-        reports = forward_backward(
-            forward_step_func=forward_step, data_iterator=batches, model=model_chunks,
-            num_microbatches=len(slots), seq_length=windows.seq_length,
-            micro_batch_size=micro_batch_size, decoder_seq_length=windows.seq_length,
-            forward_only=True)
-        for report in reports:
-            sums += report["lm loss"].detach().to(device="cpu", dtype=torch.float64)
+        sums += loss_sums(forward_backward(
+            model_chunks, batches, num_microbatches=len(slots), seq_length=windows.seq_length,
+            micro_batch_size=micro_batch_size, forward_only=True))
         if progress is not None:
             progress.update(len(slots))
     # Only last-stage ranks hold reports; TP ranks repeat them, which the ratio cancels.

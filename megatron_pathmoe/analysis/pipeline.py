@@ -24,6 +24,7 @@ from megatron_pathmoe.analysis.path_arrays import PathWriter, load_paths
 from megatron_pathmoe.analysis.recorder import PathRecorder, positions_of
 from megatron_pathmoe.analysis.report import DEFAULT_TOP_PATHS, path_report
 from megatron_pathmoe.analysis.robustness import DEFAULT_P, robustness_sweep
+from megatron_pathmoe.runtime import is_rank0
 
 
 @dataclass
@@ -39,16 +40,13 @@ class AnalysisOptions:
     robustness_tokens: int = 16384
     workers: int = 2
     device: str = "cpu"
-
-
-def _rank0() -> bool:
-    return dist.get_rank() == 0
+    permute_impl: str = "auto"  # --permute-impl
 
 
 def _bar(total: int, desc: str):
     from tqdm import tqdm
 
-    return tqdm(total=total, desc=desc, unit="mb", disable=not _rank0(), leave=False)
+    return tqdm(total=total, desc=desc, unit="mb", disable=not is_rank0(), leave=False)
 
 
 def recording_dir(output_dir: str, label: str) -> str:
@@ -58,7 +56,7 @@ def recording_dir(output_dir: str, label: str) -> str:
 def _open_writer(directory: str, windows: TokenWindows, model_cfg) -> PathWriter | None:
     """Rank 0 allocates the recording; TP rank 0 of every stage and DP rank writes into it."""
     writer = None
-    if _rank0():
+    if is_rank0():
         writer = PathWriter.create(directory, windows.num_tokens,
                                    list(range(1, model_cfg.num_layers + 1)),
                                    model_cfg.num_experts, model_cfg.moe_router_topk)
@@ -90,7 +88,7 @@ def record(model: torch.nn.Module, model_cfg, windows: TokenWindows, directory: 
     if writer is not None:
         writer.flush()
     dist.barrier()
-    if _rank0():
+    if is_rank0():
         writer.finalize({**info, "loss": loss})
     return loss
 
@@ -113,7 +111,7 @@ def _token_windows(options: AnalysisOptions, tokenizer, seq_length: int,
                    label: str) -> TokenWindows:
     stream = read_token_stream(options.data, options.num_tokens + 1, tokenizer)
     windows = TokenWindows.from_stream(stream, seq_length, options.data)
-    if windows.num_tokens < options.num_tokens and _rank0():
+    if windows.num_tokens < options.num_tokens and is_rank0():
         why = f"--data ends after {stream.size:,} tokens" if stream.size <= options.num_tokens \
             else "whole sequences only"
         print(f"{label}: analysing {windows.num_tokens:,} of the {options.num_tokens:,} "
@@ -125,9 +123,9 @@ def _token_windows(options: AnalysisOptions, tokenizer, seq_length: int,
 def analyze_checkpoint(label: str, checkpoint: str, options: AnalysisOptions) -> dict | None:
     """Record, measure and report one checkpoint (collective); the report on rank 0."""
     from megatron_pathmoe.data import load_tokenizer
-    from megatron_pathmoe.training.checkpointing import load_model_for_inference
+    from megatron_pathmoe.checkpoint import load_model_for_inference
 
-    model, run = load_model_for_inference(checkpoint, options.device)
+    model, run = load_model_for_inference(checkpoint, options.device, options.permute_impl)
     cfg = run.model
     seq_length = options.seq_length or cfg.seq_length
     if seq_length > cfg.seq_length:
@@ -147,7 +145,7 @@ def analyze_checkpoint(label: str, checkpoint: str, options: AnalysisOptions) ->
         robust = robustness(model, TokenWindows.from_stream(windows.stream[:count + 1],
                                                             seq_length, options.data), options)
     del model
-    if not _rank0():
+    if not is_rank0():
         return None
     report = path_report(load_paths(directory), token_texts(tokenizer), options.top_paths,
                          workers=options.workers)

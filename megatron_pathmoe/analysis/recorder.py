@@ -20,7 +20,6 @@ still knows where to write.
 from __future__ import annotations
 
 from dataclasses import dataclass
-
 from typing import Any
 
 import numpy as np
@@ -28,13 +27,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_pathmoe.analysis.path_arrays import EXPERT_DTYPE, PROB_DTYPE, PathWriter
-
-
-def routers_of(model_chunks: list[torch.nn.Module]) -> list[Any]:
-    """Every megatron ``Router`` in the model chunks, in module order."""
-    from megatron.core.transformer.moe.router import Router
-
-    return [m for chunk in model_chunks for m in chunk.modules() if isinstance(m, Router)]
+from megatron_pathmoe.routing import RouterHooks, routers_of
 
 
 @dataclass(frozen=True)
@@ -67,7 +60,7 @@ def _gather_sequence(tensor: torch.Tensor) -> torch.Tensor:
     return torch.cat(parts, dim=0)
 
 
-class PathRecorder:
+class PathRecorder(RouterHooks):
     """Forward hooks that stream routing decisions into a :class:`PathWriter`.
 
     Args:
@@ -78,6 +71,7 @@ class PathRecorder:
 
     def __init__(self, model_chunks: list[torch.nn.Module], writer: PathWriter | None,
                  topk: int) -> None:
+        super().__init__()
         self.writer = writer
         self.topk = topk
         self.routers = routers_of(model_chunks)
@@ -85,7 +79,7 @@ class PathRecorder:
             raise ValueError("the model has no megatron Router modules: nothing to record")
         self._plan: list[Slot | None] = []
         self._calls: dict[int, int] = {}
-        self._handles = [r.register_forward_hook(self._hook) for r in self.routers]
+        self.hook_forward(self.routers, self._hook)
 
     def expect(self, plan: list[Slot | None]) -> None:
         """The micro-batches the next forwards run, in order (None: padding, not written)."""
@@ -125,16 +119,41 @@ class PathRecorder:
             raise RuntimeError(f"routers ran {wrong} forwards (layer: count), expected "
                                f"{len(self._plan)} each")
 
-    def remove(self) -> None:
-        for handle in self._handles:
-            handle.remove()
-        self._handles = []
 
-    def __enter__(self) -> "PathRecorder":
-        return self
+class Top1PathRecorder(RouterHooks):
+    """Each forward's top-1 expert per layer (the first of :func:`top_k_choices`, as
+    :class:`PathRecorder` records it), stacked into [tokens, layers] and counted. Needs all
+    layers on this rank (PP=1); each rank counts the tokens it routes."""
 
-    def __exit__(self, *exc) -> None:
-        self.remove()
+    def __init__(self, model_chunks: list[torch.nn.Module], num_layers: int) -> None:
+        super().__init__()
+        routers = routers_of(model_chunks)
+        if len(routers) != num_layers:
+            raise ValueError(f"path recording needs every MoE layer on this rank: found "
+                             f"{len(routers)} routers for {num_layers} layers (use "
+                             "--pipeline-model-parallel-size 1)")
+        self.num_layers = num_layers
+        self.counts: dict[bytes, int] = {}
+        self.num_tokens = 0
+        self._current: dict[int, torch.Tensor] = {}
+        self.hook_forward(routers, self._hook)
+
+    def _hook(self, router: Any, inputs: tuple, output: tuple) -> None:
+        experts, _ = top_k_choices(*output, 1)
+        self._current[router.layer_number] = experts[:, 0].cpu()
+
+    def end_forward(self) -> None:
+        """Count the paths of the forward that just ran."""
+        if len(self._current) != self.num_layers:
+            raise RuntimeError(f"a forward reached {len(self._current)} of {self.num_layers} "
+                               "routers")
+        rows = torch.stack([self._current[layer] for layer in sorted(self._current)], dim=1)
+        self._current.clear()
+        unique, counts = np.unique(rows.numpy().astype(np.int32), axis=0, return_counts=True)
+        for row, count in zip(unique, counts):
+            key = row.tobytes()
+            self.counts[key] = self.counts.get(key, 0) + int(count)
+        self.num_tokens += rows.shape[0]
 
 
 def local_layer_numbers(model_chunks: list[torch.nn.Module]) -> list[int]:

@@ -18,7 +18,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from megatron_pathmoe.analysis.recorder import routers_of
+from megatron_pathmoe.routing import RouterHooks, routers_of
 
 DEFAULT_P = (0.0, 0.25, 0.5, 0.75, 1.0)
 
@@ -34,13 +34,13 @@ def layer_permutation(layer_number: int, probability: float, seed: int,
     return rng.permutation(num_experts)
 
 
-class ExpertPermutation:
+class ExpertPermutation(RouterHooks):
     """Context manager: routers' expert indices permuted as in the module docstring."""
 
     def __init__(self, model_chunks: list[torch.nn.Module], probability: float,
                  seed: int) -> None:
+        super().__init__()
         self.permutations: dict[int, np.ndarray] = {}
-        self._handles = []
         for router in routers_of(model_chunks):
             perm = layer_permutation(router.layer_number, probability, seed,
                                      router.config.num_moe_experts)
@@ -48,7 +48,7 @@ class ExpertPermutation:
                 continue
             self.permutations[router.layer_number] = perm
             inverse = torch.from_numpy(np.argsort(perm))
-            self._handles.append(router.register_forward_hook(self._hook_for(inverse)))
+            self.hook_forward([router], self._hook_for(inverse))
 
     @staticmethod
     def _hook_for(inverse: torch.Tensor) -> Callable:
@@ -58,14 +58,6 @@ class ExpertPermutation:
             # New column perm[i] takes old column i: new[:, j] = old[:, inverse[j]].
             return probs[:, index], routing_map[:, index]
         return hook
-
-    def __enter__(self) -> "ExpertPermutation":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        for handle in self._handles:
-            handle.remove()
-        self._handles = []
 
 
 def robustness_sweep(evaluate: Callable[[], float], model_chunks: list[torch.nn.Module],

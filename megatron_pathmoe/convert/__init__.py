@@ -5,6 +5,9 @@
   canonical state dict; ``qwen2_moe.py``: the Hugging Face config and why Qwen2-MoE;
   ``hf_files.py``: the model directory; ``checkpoint.py``: the end-to-end conversions;
   ``cli.py``: ``pathmoe-convert``.
+
+Beside ``training/`` (never importing it): checkpoints are read and written through
+``checkpoint/``, the process group comes from ``runtime/``.
 """
 
 from megatron_pathmoe.convert.checkpoint import ParallelLayout, export_to_hf, import_from_hf

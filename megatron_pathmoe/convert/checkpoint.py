@@ -29,6 +29,7 @@ from megatron_pathmoe.convert.converter import (
 )
 from megatron_pathmoe.convert.errors import ConversionError
 from megatron_pathmoe.convert.shards import canonical_state
+from megatron_pathmoe.runtime import is_rank0
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _EMBEDDING_KEYS = ("embedding.word_embeddings.weight", "output_layer.weight")
@@ -59,23 +60,10 @@ def megatron_process_group(layout: ParallelLayout = ParallelLayout(),
             raise ConversionError(f"megatron is already initialised with {current}, not {layout}")
         yield
         return
-    from megatron_pathmoe.platform import resolve_device
-    from megatron_pathmoe.training.arguments import TrainingConfig
-    from megatron_pathmoe.training.loop import destroy_distributed, initialize_distributed
+    from megatron_pathmoe.runtime import distributed
 
-    device = resolve_device(device)
-    sizes = PathMoEConfig(**dataclasses.asdict(layout))  # only the layout is read
-    try:
-        initialize_distributed(sizes, TrainingConfig(), device)
+    with distributed(PathMoEConfig(**dataclasses.asdict(layout)), device):
         yield
-    finally:
-        destroy_distributed()
-
-
-def _is_rank0() -> bool:
-    import torch.distributed as dist
-
-    return not dist.is_initialized() or dist.get_rank() == 0
 
 
 def _prepare_output_dir(output_dir: str, overwrite: bool) -> None:
@@ -106,24 +94,25 @@ def _cast(tensors: dict[str, torch.Tensor], dtype: torch.dtype | None) -> dict[s
 
 def export_to_hf(checkpoint: str, output_dir: str, *, max_shard_size: str = "5GB",
                  dtype: str = "auto", overwrite: bool = False,
-                 layout: ParallelLayout = ParallelLayout()) -> str | None:
+                 layout: ParallelLayout = ParallelLayout(),
+                 permute_impl: str = "auto") -> str | None:
     """Write the Hugging Face directory of a megatron checkpoint (a ``--save`` root or an
     ``iter_XXXXXXX`` folder). Returns the directory on rank 0, None on other ranks."""
-    from megatron_pathmoe.training.checkpointing import read_run_config, resolve_checkpoint_dir
+    from megatron_pathmoe.checkpoint import read_run_config, resolve_checkpoint_dir
 
     ckpt = resolve_checkpoint_dir(checkpoint)
     saved = read_run_config(ckpt)
     shard_bytes = hf_files.parse_size(max_shard_size)
     if dtype != "auto" and dtype not in DTYPES:
         raise ConversionError(f"--dtype {dtype!r}: choose auto or one of {', '.join(DTYPES)}")
-    if _is_rank0():
+    if is_rank0():
         _prepare_output_dir(output_dir, overwrite)
     with megatron_process_group(layout):
-        from megatron_pathmoe.training.checkpointing import load_model_for_inference
+        from megatron_pathmoe.checkpoint import load_model_for_inference
 
-        model, run = load_model_for_inference(ckpt)
+        model, run = load_model_for_inference(ckpt, permute_impl=permute_impl)
         state = canonical_state(model, run.model)  # gathered on rank 0
-        writer = _is_rank0()
+        writer = is_rank0()
         del model
     if not writer:
         return None
@@ -202,7 +191,7 @@ def import_from_hf(hf_dir: str, save_root: str, *, iteration: int | None = None,
     iteration = iteration if iteration is not None else int(meta.get("iteration") or 0)
     with megatron_process_group():
         from megatron_pathmoe.model import build_gpt_model
-        from megatron_pathmoe.training.checkpointing import save_model_checkpoint
+        from megatron_pathmoe.checkpoint import save_model_checkpoint
 
         model = build_gpt_model(cfg)
         _load_into(model, state, hf_dir)

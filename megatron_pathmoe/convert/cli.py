@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import warnings
 
 from megatron_pathmoe.convert.checkpoint import (
     DTYPES,
@@ -14,7 +13,8 @@ from megatron_pathmoe.convert.checkpoint import (
     import_from_hf,
 )
 from megatron_pathmoe.convert.qwen2_moe import IMPORTABLE_ROUTING
-from megatron_pathmoe.training.pretrain import OPTIONAL_PACKAGE_WARNINGS
+from megatron_pathmoe.ops import PERMUTE_IMPLS
+from megatron_pathmoe.runtime import quiet_warnings
 
 EPILOG = """examples:
   pathmoe-convert to-hf --load runs/ckpt --output runs/hf
@@ -47,6 +47,9 @@ def build_parser() -> argparse.ArgumentParser:
     for flag in ("tensor", "pipeline", "expert"):
         to_hf.add_argument(f"--{flag}-model-parallel-size", type=int, default=1,
                            help="layout to load in when launched with torchrun (default 1)")
+    to_hf.add_argument("--permute-impl", choices=PERMUTE_IMPLS, default="auto",
+                       help="token permutation of the loaded model's MoE dispatch (see "
+                            "pathmoe-pretrain --help; default auto)")
 
     to_mg = sub.add_parser("to-megatron", help="Hugging Face directory -> megatron checkpoint",
                            description="Hugging Face Qwen2-MoE directory -> megatron model-only "
@@ -71,13 +74,14 @@ def _layout(args: argparse.Namespace) -> ParallelLayout:
 def run(args: argparse.Namespace) -> str | None:
     if args.command == "to-hf":
         return export_to_hf(args.load, args.output, max_shard_size=args.max_shard_size,
-                            dtype=args.dtype, overwrite=args.overwrite, layout=_layout(args))
+                            dtype=args.dtype, overwrite=args.overwrite, layout=_layout(args),
+                            permute_impl=args.permute_impl)
     return import_from_hf(args.hf, args.save, iteration=args.iteration, routing=args.routing,
                           path_block_size=args.path_block_size)
 
 
 def main(argv: list[str] | None = None) -> int:
-    warnings.filterwarnings("ignore", message=OPTIONAL_PACKAGE_WARNINGS)
+    quiet_warnings()
     args = build_parser().parse_args(argv)
     try:
         written = run(args)

@@ -56,9 +56,7 @@ def attention_dims(cfg: PathMoEConfig) -> AttentionDims:
 
 def tied_block_size(cfg: PathMoEConfig) -> int:
     """Layers sharing one gate weight: the block size for path routing, else 1."""
-    if cfg.routing != "path":
-        return 1
-    return getattr(cfg, "block_size", None) or cfg.path_block_size
+    return cfg.block_size if cfg.routing == "path" else 1
 
 
 def router_blocks(cfg: PathMoEConfig) -> list[list[int]]:
@@ -70,11 +68,11 @@ def router_blocks(cfg: PathMoEConfig) -> list[list[int]]:
 def check_exportable(cfg: PathMoEConfig) -> None:
     """Refuse routing options a Qwen2-MoE gate cannot reproduce (the router variants' own
     limits are reported by their ``export_gate_weight``)."""
-    score = getattr(cfg, "moe_router_score_function", "softmax")
+    score = cfg.moe_router_score_function
     if score != "softmax":
         raise ConversionError(f"--moe-router-score-function {score}: Qwen2-MoE routes with a "
                               "softmax; a sigmoid-scored model has no exact Hugging Face export")
-    if getattr(cfg, "moe_path_restriction", None):
+    if cfg.moe_path_restriction:
         raise ConversionError(f"--moe-path-restriction {cfg.moe_path_restriction}: restricting "
                               "expert paths at inference has no Hugging Face equivalent; export "
                               "the unrestricted model")
@@ -249,9 +247,8 @@ def pathmoe_config(hf_cfg: Mapping[str, Any], source: str, *, routing: str | Non
     if chosen == "path" and block is None:
         raise ConversionError(f"{source}: --routing path needs --path-block-size (the model "
                               "records no routing blocks)")
-    layout = {name: value for name, value in _WORLD1_LAYOUT.items() if hasattr(cfg, name)}
     cfg = cfg.replace(routing=chosen, path_block_size=block if chosen == "path" else None,
-                      **layout)
+                      **_WORLD1_LAYOUT)
     try:
         return cfg.validate()
     except ValueError as err:

@@ -1,7 +1,9 @@
 """Downstream evaluation: the paper's tasks (offline request files) and validation perplexity.
 
 ``tools/evaluate.py`` / ``pathmoe-evaluate`` is the command line (:mod:`.cli`); the scorer
-takes any model and tokenizer, so tests drive it with controlled logits.
+takes any model and tokenizer, so tests drive it with controlled logits. Above ``checkpoint/``
+and ``runtime/`` (models come from ``checkpoint.load_model_for_inference``), never
+``training/``.
 """
 
 from megatron_pathmoe.eval.evaluator import evaluate_perplexity, evaluate_task

@@ -11,19 +11,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import sys
 import time
-import warnings
 
 from megatron_pathmoe.eval.tasks import PAPER_TASKS, TASKS, UNAVAILABLE
-from megatron_pathmoe.training.arguments import OneLineErrorParser
-from megatron_pathmoe.training.pretrain import OPTIONAL_PACKAGE_WARNINGS
+from megatron_pathmoe.ops import PERMUTE_IMPLS
+from megatron_pathmoe.platform import DEVICE_CHOICES
+from megatron_pathmoe.runtime import OneLineErrorParser, is_rank0, quiet_warnings, report_failure
 
-# Deprecation notices megatron-core 0.16 / torch 2.13 print on every checkpoint load; the user
-# can do nothing about them.
-_LOAD_DEPRECATIONS = (r".*(full scope is deprecated|`load_state_dict` is deprecated"
-                      r"|Please use DTensor).*")
 PROG = "pathmoe-evaluate"
 
 
@@ -69,7 +64,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="padded tokens per forward pass")
     g.add_argument("--tensor-model-parallel-size", type=int, default=1)
     g.add_argument("--expert-model-parallel-size", type=int, default=1)
-    g.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    g.add_argument("--device", choices=DEVICE_CHOICES, default="auto")
+    g.add_argument("--permute-impl", choices=PERMUTE_IMPLS, default="auto",
+                   help="token permutation of the MoE dispatch (see pathmoe-pretrain --help)")
     g = parser.add_argument_group("output")
     g.add_argument("--output-json", default=None, help="write all metrics here")
     g.add_argument("--output-markdown", default=None, help="write the tables here")
@@ -83,7 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def check_tokenizer(run, tokenizer_model: str | None, checkpoint: str) -> str:
     """The checkpoint's tokenizer file, after checking it and an optional user-given one."""
-    from megatron_pathmoe.training.checkpointing import CheckpointError, file_sha256
+    from megatron_pathmoe.checkpoint import CheckpointError, file_sha256
 
     own = run.tokenizer_path
     if not os.path.isfile(own):
@@ -110,7 +107,7 @@ def _prepare(args: argparse.Namespace):
     """Everything that needs no process group: tasks, checkpoint record, tokenizer, layout."""
     from megatron_pathmoe.data import load_tokenizer, validate_data_prefix
     from megatron_pathmoe.eval.tasks import expand_task_names, load_task
-    from megatron_pathmoe.training.checkpointing import read_run_config, resolve_checkpoint_dir
+    from megatron_pathmoe.checkpoint import read_run_config, resolve_checkpoint_dir
 
     for flag, value in (("--limit", args.limit), ("--max-length", args.max_length),
                         ("--max-batch-tokens", args.max_batch_tokens),
@@ -135,12 +132,7 @@ def _prepare(args: argparse.Namespace):
 
 
 def _label(run) -> str:
-    from megatron_pathmoe import config
-
-    blocked = getattr(config, "BLOCK_ROUTING_DEFAULT_BLOCK", {"path": 4})
-    block = run.model.path_block_size or blocked.get(run.model.routing)
-    shown = f" B={block}" if run.model.routing in blocked and block else ""
-    return f"{run.model.routing}{shown}, iter {run.iteration}"
+    return f"{run.model.routing_label}, iter {run.iteration}"
 
 
 def _evaluate(args, tasks, checkpoint, tokenizer, layout, device) -> dict:
@@ -152,12 +144,11 @@ def _evaluate(args, tasks, checkpoint, tokenizer, layout, device) -> dict:
     from megatron_pathmoe.eval.report import build_report
     from megatron_pathmoe.eval.scorer import LoglikelihoodScorer
     from megatron_pathmoe.model.builder import padded_vocab_size
-    from megatron_pathmoe.training.arguments import TrainingConfig
-    from megatron_pathmoe.training.checkpointing import load_model_for_inference
-    from megatron_pathmoe.training.loop import initialize_distributed
+    from megatron_pathmoe.checkpoint import load_model_for_inference
+    from megatron_pathmoe.runtime import initialize_distributed
 
-    initialize_distributed(layout, TrainingConfig(), device)
-    model, run = load_model_for_inference(checkpoint, device)
+    initialize_distributed(layout, device)
+    model, run = load_model_for_inference(checkpoint, device, args.permute_impl)
     tp = layout.tensor_model_parallel_size
     vocab = VocabLayout.from_megatron(tokenizer.vocab_size,
                                       padded_vocab_size(layout.vocab_size, tp) // tp)
@@ -165,7 +156,7 @@ def _evaluate(args, tasks, checkpoint, tokenizer, layout, device) -> dict:
     scorer = LoglikelihoodScorer(
         model, vocab, max_length=max_length, max_batch_tokens=args.max_batch_tokens,
         pad_id=tokenizer.eod, seq_multiple=tp, dp_group=ps.get_data_parallel_group(),
-        device=device, progress=dist.get_rank() == 0 and not args.no_progress)
+        device=device, progress=is_rank0() and not args.no_progress)
     start = time.perf_counter()
     samples: list[dict] | None = [] if args.log_samples else None
     results = [evaluate_task(scorer, tokenizer, task, samples) for task in tasks]
@@ -178,15 +169,14 @@ def _evaluate(args, tasks, checkpoint, tokenizer, layout, device) -> dict:
                        "expert_model_parallel_size": layout.expert_model_parallel_size,
                        "data_parallel_size": ps.get_data_parallel_world_size()},
             "seconds": round(time.perf_counter() - start, 2), "forwards_per_rank": scorer.forwards}
-    if samples is not None and dist.get_rank() == 0:
+    if samples is not None and is_rank0():
         with open(args.log_samples, "w") as f:
             f.writelines(json.dumps(sample) + "\n" for sample in samples)
     return build_report(meta, results, validation)
 
 
 def main(argv: list[str] | None = None) -> int:
-    for pattern in (OPTIONAL_PACKAGE_WARNINGS, _LOAD_DEPRECATIONS):
-        warnings.filterwarnings("ignore", message=pattern)
+    quiet_warnings()
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
@@ -197,19 +187,14 @@ def main(argv: list[str] | None = None) -> int:
 
     device = resolve_device(args.device)
     from megatron_pathmoe.eval.report import write_outputs
-    from megatron_pathmoe.training.loop import destroy_distributed
+    from megatron_pathmoe.runtime import destroy_distributed
 
     try:
         report = _evaluate(args, tasks, checkpoint, tokenizer, layout, device)
-        if int(os.environ.get("RANK", "0")) == 0:
+        if is_rank0():
             print(write_outputs(report, args.output_json, args.output_markdown), end="")
     except Exception as err:  # name the rank: torchrun interleaves every rank's stderr
-        import traceback
-
-        traceback.print_exc()
-        print(f"{PROG}: rank {os.environ.get('RANK', '0')} on {socket.gethostname()} failed: "
-              f"{type(err).__name__}: {err}", file=sys.stderr, flush=True)
-        return 1
+        return report_failure(PROG, err)
     finally:
         destroy_distributed()
     return 0

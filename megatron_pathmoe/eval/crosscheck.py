@@ -152,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
     args = _parse(argv)
     from megatron_pathmoe.convert.checkpoint import export_to_hf
     from megatron_pathmoe.eval import cli
-    from megatron_pathmoe.training.checkpointing import read_run_config
+    from megatron_pathmoe.checkpoint import read_run_config
 
     with tempfile.TemporaryDirectory() as tmp:
         work = args.work_dir or tmp

@@ -1,4 +1,4 @@
-"""Layer specs and the GPTModel builder."""
+"""Layer specs, the GPTModel builder and its forward step."""
 
 from megatron_pathmoe.model.builder import (
     ParameterCounts,
@@ -7,6 +7,7 @@ from megatron_pathmoe.model.builder import (
     count_parameters,
     padded_vocab_size,
 )
+from megatron_pathmoe.model.forward import forward_backward, forward_step, loss_sums
 from megatron_pathmoe.model.spec import decoder_block_spec, moe_layer_spec
 
 __all__ = [
@@ -15,6 +16,9 @@ __all__ = [
     "build_model_chunks",
     "count_parameters",
     "decoder_block_spec",
+    "forward_backward",
+    "forward_step",
+    "loss_sums",
     "moe_layer_spec",
     "padded_vocab_size",
 ]

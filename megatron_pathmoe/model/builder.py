@@ -10,6 +10,7 @@ from megatron.core.models.gpt import GPTModel
 
 from megatron_pathmoe.config import PathMoEConfig
 from megatron_pathmoe.model.spec import decoder_block_spec
+from megatron_pathmoe.ops import install_permute_impl
 
 
 def padded_vocab_size(vocab_size: int, tensor_parallel_size: int, divisible_by: int = 128) -> int:
@@ -19,13 +20,16 @@ def padded_vocab_size(vocab_size: int, tensor_parallel_size: int, divisible_by: 
 
 
 def build_gpt_model(config: PathMoEConfig, *, use_transformer_engine: bool = False,
-                    vp_stage: int | None = None,
-                    use_cpu_initialization: bool = False) -> GPTModel:
+                    vp_stage: int | None = None, use_cpu_initialization: bool = False,
+                    permute_impl: str | None = None, device: str | None = None) -> GPTModel:
     """A GPTModel (RMSNorm, SwiGLU experts, RoPE, GQA; Appendix B of the paper) holding this
     rank's pipeline stage (virtual stage ``vp_stage`` of it under an interleaved pipeline).
     Needs initialised model-parallel state. ``use_cpu_initialization`` draws every
     tensor-parallel weight whole and keeps this rank's slice, so TP layouts start from the
-    weights TP=1 draws."""
+    weights TP=1 draws. ``permute_impl`` (``--permute-impl``, see ``megatron_pathmoe.ops``)
+    is installed for ``device`` first; None keeps the one installed."""
+    if permute_impl is not None:
+        install_permute_impl(permute_impl, device)
     transformer_config = config.to_transformer_config()
     transformer_config.use_cpu_initialization = use_cpu_initialization
     pre_process = parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage)
@@ -47,8 +51,11 @@ def build_gpt_model(config: PathMoEConfig, *, use_transformer_engine: bool = Fal
 
 
 def build_model_chunks(config: PathMoEConfig, *, use_transformer_engine: bool = False,
-                       use_cpu_initialization: bool = False) -> list[GPTModel]:
+                       use_cpu_initialization: bool = False, permute_impl: str | None = None,
+                       device: str | None = None) -> list[GPTModel]:
     """This rank's model chunks: one per virtual pipeline stage (one without interleaving)."""
+    if permute_impl is not None:
+        install_permute_impl(permute_impl, device)
     vpp = config.virtual_pipeline_model_parallel_size
     stages = [None] if vpp is None else list(range(vpp))
     return [build_gpt_model(config, use_transformer_engine=use_transformer_engine, vp_stage=v,

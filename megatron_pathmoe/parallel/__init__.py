@@ -1,5 +1,6 @@
 """Parallel layouts beyond what megatron-core does on its own: router parameters tied across
-pipeline stages, expert gradients under TP without EP, layout checks and descriptions."""
+pipeline stages, expert gradients under TP without EP, layout checks and descriptions. In the
+model core (above ``routing/``, below ``model/``); never imports the layers built on it."""
 
 from megatron_pathmoe.parallel.experts import reduce_expert_grads_over_expert_dp
 from megatron_pathmoe.parallel.ties import (

@@ -28,21 +28,15 @@ from typing import Any, Callable, Iterable
 import torch
 import torch.distributed as dist
 
-from megatron_pathmoe.routing import tied_router_parameters
+from megatron_pathmoe.routing import tied_router_parameters, unwrap_model
 
 TIE_ATTR = "pathmoe_tie"
 TIE_LAYERS_ATTR = "pathmoe_tie_layers"
 
 
-def _unwrap(chunk: torch.nn.Module) -> torch.nn.Module:
-    while hasattr(chunk, "module"):
-        chunk = chunk.module
-    return chunk
-
-
 def local_layer_numbers(model: torch.nn.Module) -> set[int]:
     """Global 1-based numbers of the decoder layers in one (unwrapped) model chunk."""
-    decoder = getattr(_unwrap(model), "decoder", None)
+    decoder = getattr(unwrap_model(model), "decoder", None)
     return {layer.layer_number for layer in getattr(decoder, "layers", [])}
 
 
@@ -161,7 +155,7 @@ def _collect_local(chunks: list[torch.nn.Module]) -> dict[str, tuple[list, Any]]
     """key -> (copies in chunk order, canonical copy or None) for this rank."""
     local: dict[str, tuple[list, Any]] = {}
     for chunk in chunks:
-        for key, param in tied_router_parameters(_unwrap(chunk)).items():
+        for key, param in tied_router_parameters(unwrap_model(chunk)).items():
             copies, canonical = local.get(key, ([], None))
             copies.append(param)
             if is_canonical_copy(chunk, param):

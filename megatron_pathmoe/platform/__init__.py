@@ -1,6 +1,7 @@
 """What makes megatron-core run on CPU over gloo; inert unless enabled."""
 
 from megatron_pathmoe.platform.cpu import (
+    DEVICE_CHOICES,
     UnhandledCudaCallError,
     clear_unhandled_cuda_calls,
     cpu_platform_enabled,
@@ -11,6 +12,7 @@ from megatron_pathmoe.platform.cpu import (
 )
 
 __all__ = [
+    "DEVICE_CHOICES",
     "UnhandledCudaCallError",
     "clear_unhandled_cuda_calls",
     "cpu_platform_enabled",

@@ -333,9 +333,12 @@ def clear_unhandled_cuda_calls() -> None:
     _UNHANDLED.clear()
 
 
+DEVICE_CHOICES = ("auto", "cpu", "cuda")  # --device of every entry point
+
+
 def resolve_device(device: str) -> str:
     """``auto`` -> ``cuda`` when available, else ``cpu`` (enabling the platform)."""
-    if device not in ("auto", "cpu", "cuda"):
+    if device not in DEVICE_CHOICES:
         raise ValueError(f"--device must be one of auto, cpu, cuda (got {device!r})")
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"

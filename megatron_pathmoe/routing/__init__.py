@@ -11,6 +11,9 @@ recurrent      Recurrent-MoE         :class:`RecurrentRouter`
 mono           MonoB{B}-MoE          :class:`MonoRouter`
 lowrank        LowRank-MoE           :class:`LowRankRouter`
 =============  ====================  ====================================================
+
+``hooks`` is how the layers above reach routers (``routers_of``, the ``RouterHooks`` base);
+the allowed-paths file of path restriction is read by ``megatron_pathmoe.expert_paths``.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ from megatron_pathmoe.routing.block_shared import (
     num_blocks,
     shared_router_weights,
 )
+from megatron_pathmoe.routing.hooks import RouterHooks, routers_of, unwrap_model
 from megatron_pathmoe.routing.independent import IndependentRouter
 from megatron_pathmoe.routing.lowrank import LowRankRouter
 from megatron_pathmoe.routing.mono import MonoRouter
@@ -73,6 +77,7 @@ __all__ = [
     "RandomRouter",
     "RecurrentRouter",
     "RouterBuilder",
+    "RouterHooks",
     "RoutingExportError",
     "TieRegistry",
     "XMoERouter",
@@ -80,6 +85,8 @@ __all__ = [
     "block_layers",
     "build_router_builder",
     "num_blocks",
+    "routers_of",
     "shared_router_weights",
     "tied_router_parameters",
+    "unwrap_model",
 ]

@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from megatron.core.transformer.moe.router import TopKRouter
 
 from megatron_pathmoe.config import PathMoEConfig
+from megatron_pathmoe.routing.hooks import unwrap_model
 from megatron_pathmoe.routing.restriction import PathRestriction
 
 
@@ -219,7 +220,7 @@ def tied_router_parameters(model: torch.nn.Module) -> dict[str, torch.nn.Paramet
     """This model chunk's Parameters shared by several layers' routers, by ``pathmoe_tie``
     key (a DDP wrapper is looked through). One chunk registers one Parameter per tie."""
     ties: dict[str, torch.nn.Parameter] = {}
-    for param in getattr(model, "module", model).parameters():
+    for param in unwrap_model(model).parameters():
         key = getattr(param, "pathmoe_tie", None)
         if key is None:
             continue

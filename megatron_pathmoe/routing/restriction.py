@@ -3,9 +3,10 @@ every token's routing confined to them.
 
 **Paths.** A token's expert path is its top-1 expert at every MoE layer: the selected expert
 with the largest gate probability (``probs.argmax``), which every router variant returns.
-:func:`count_top1_paths` runs a model over batches and counts paths; :func:`write_paths_file`
-stores the K most frequent as ``<stem>.npy`` (int32 [K, num_layers], most frequent first) plus
-``<stem>.json`` (counts, coverage, model shape, source). ``--moe-path-restriction <stem>.npy``
+``megatron_pathmoe.analysis.record_paths`` counts them over a corpus and stores the K most
+frequent as an expert-paths file (``megatron_pathmoe.expert_paths``: ``<stem>.npy``, int32
+[K, num_layers], most frequent first, plus ``<stem>.json`` with counts, coverage, model shape,
+source). ``--moe-path-restriction <stem>.npy``
 restricts training to them (``--moe-path-restriction-top-k`` takes the first K rows).
 
 **Mapping a token onto an allowed path.** A token follows the allowed path that maximises the
@@ -27,171 +28,14 @@ score function, pre-softmax, expert bias and aux/z losses are megatron's own cod
 
 from __future__ import annotations
 
-import json
-import os
-from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable
+from typing import Any, Callable
 
 import numpy as np
 import torch
 
-PATHS_FORMAT = "megatron-pathmoe-expert-paths"
+from megatron_pathmoe.config import PathMoEConfig
+from megatron_pathmoe.expert_paths import read_paths_file
 
-
-# --------------------------------------------------------------------------- file format
-
-@dataclass
-class PathsFile:
-    paths: np.ndarray  # int [K, num_layers], most frequent first
-    counts: list[int] = field(default_factory=list)
-    meta: dict = field(default_factory=dict)
-
-
-def _stem(path: str) -> str:
-    for suffix in (".npy", ".json"):
-        if path.endswith(suffix):
-            return path[:-len(suffix)]
-    return path
-
-
-def write_paths_file(path: str, paths: np.ndarray, counts: Iterable[int], meta: dict) -> str:
-    """Write ``<stem>.npy`` and ``<stem>.json``; returns the .npy path."""
-    stem = _stem(path)
-    os.makedirs(os.path.dirname(os.path.abspath(stem)), exist_ok=True)
-    np.save(f"{stem}.npy", np.asarray(paths, dtype=np.int32))
-    record = {"format": PATHS_FORMAT, "counts": [int(c) for c in counts], **meta}
-    with open(f"{stem}.json", "w") as f:
-        json.dump(record, f, indent=2)
-    return f"{stem}.npy"
-
-
-def read_paths_file(path: str, num_layers: int | None = None,
-                    num_experts: int | None = None) -> PathsFile:
-    """Read and check a paths file; ``ValueError``/``OSError`` say what is wrong."""
-    stem = _stem(path)
-    if not os.path.isfile(f"{stem}.npy"):
-        raise FileNotFoundError(f"{stem}.npy does not exist; record paths with "
-                                "`python -m megatron_pathmoe.routing.record_paths`")
-    paths = np.load(f"{stem}.npy", allow_pickle=False)
-    meta: dict = {}
-    if os.path.isfile(f"{stem}.json"):
-        meta = json.load(open(f"{stem}.json"))
-    if paths.ndim != 2 or paths.shape[0] < 1 or not np.issubdtype(paths.dtype, np.integer):
-        raise ValueError(f"{stem}.npy must hold an integer array [num_paths >= 1, num_layers], "
-                         f"found {paths.dtype} {paths.shape}")
-    if num_layers is not None and paths.shape[1] != num_layers:
-        raise ValueError(f"{stem}.npy has paths over {paths.shape[1]} layers but the model has "
-                         f"--num-layers {num_layers}")
-    if num_experts is not None and (paths.min() < 0 or paths.max() >= num_experts):
-        raise ValueError(f"{stem}.npy holds expert ids in [{paths.min()}, {paths.max()}], "
-                         f"outside [0, --num-experts {num_experts})")
-    if meta.get("num_experts") not in (None, num_experts) and num_experts is not None:
-        raise ValueError(f"{stem}.json was recorded with {meta['num_experts']} experts, the "
-                         f"model has --num-experts {num_experts}")
-    return PathsFile(paths=paths.astype(np.int64), counts=list(meta.get("counts", [])),
-                     meta=meta)
-
-
-# --------------------------------------------------------------------------- counting
-
-class Top1PathRecorder:
-    """Forward hooks on every megatron ``Router`` of a model: each forward's top-1 expert per
-    layer, stacked into [tokens, layers] and counted. Needs all layers on this rank (PP=1)."""
-
-    def __init__(self, model: torch.nn.Module, num_layers: int) -> None:
-        from megatron.core.transformer.moe.router import Router
-
-        self.num_layers = num_layers
-        self.counts: dict[bytes, int] = {}
-        self.num_tokens = 0
-        self._current: dict[int, torch.Tensor] = {}
-        self._handles = [m.register_forward_hook(self._hook) for m in model.modules()
-                         if isinstance(m, Router)]
-        if len(self._handles) != num_layers:
-            raise ValueError(f"path recording needs every MoE layer on this rank: found "
-                             f"{len(self._handles)} routers for {num_layers} layers (use "
-                             "--pipeline-model-parallel-size 1)")
-
-    def _hook(self, router: torch.nn.Module, inputs: Any, output: Any) -> None:
-        probs, _ = output
-        self._current[router.layer_number] = probs.detach().argmax(dim=-1).cpu()
-
-    def end_forward(self) -> None:
-        """Count the paths of the forward that just ran."""
-        if len(self._current) != self.num_layers:
-            raise RuntimeError(f"a forward reached {len(self._current)} of {self.num_layers} "
-                               "routers")
-        rows = torch.stack([self._current[l] for l in sorted(self._current)], dim=1)
-        self._current.clear()
-        unique, counts = np.unique(rows.numpy().astype(np.int32), axis=0, return_counts=True)
-        for row, count in zip(unique, counts):
-            key = row.tobytes()
-            self.counts[key] = self.counts.get(key, 0) + int(count)
-        self.num_tokens += rows.shape[0]
-
-    def remove(self) -> None:
-        for handle in self._handles:
-            handle.remove()
-
-
-@dataclass
-class PathCounts:
-    paths: np.ndarray  # int32 [num_unique, num_layers], most frequent first
-    counts: np.ndarray  # int64 [num_unique]
-    num_tokens: int
-
-    def top(self, k: int) -> tuple[np.ndarray, np.ndarray]:
-        return self.paths[:k], self.counts[:k]
-
-
-def _merge_across_ranks(counts: dict[bytes, int], num_tokens: int) -> tuple[dict, int]:
-    """Every rank holds disjoint tokens with PP=1 (DP splits samples, sequence parallelism
-    splits each sample over TP ranks): the global counts are the sum."""
-    import torch.distributed as dist
-
-    if not dist.is_initialized() or dist.get_world_size() == 1:
-        return counts, num_tokens
-    gathered: list[Any] = [None] * dist.get_world_size()
-    dist.all_gather_object(gathered, (counts, num_tokens))
-    merged: dict[bytes, int] = {}
-    for rank_counts, _ in gathered:
-        for key, count in rank_counts.items():
-            merged[key] = merged.get(key, 0) + count
-    return merged, sum(n for _, n in gathered)
-
-
-def sorted_path_counts(counts: dict[bytes, int], num_tokens: int, num_layers: int) -> PathCounts:
-    """Most frequent first; equal counts by path (lexicographic), so the order is stable."""
-    if not counts:
-        return PathCounts(np.zeros((0, num_layers), np.int32), np.zeros(0, np.int64), num_tokens)
-    paths = np.stack([np.frombuffer(key, dtype=np.int32) for key in counts])
-    values = np.array(list(counts.values()), dtype=np.int64)
-    order = np.lexsort([*paths.T[::-1], -values])
-    return PathCounts(paths[order], values[order], num_tokens)
-
-
-@torch.no_grad()
-def count_top1_paths(model: torch.nn.Module, batches: Iterable[Any], num_layers: int,
-                     forward: Callable[[torch.nn.Module, Any], Any],
-                     progress: Callable[[int], None] | None = None) -> PathCounts:
-    """Run ``forward(model, batch)`` for every batch (eval mode) and count the top-1 paths of
-    all tokens, summed over ranks. ``progress(tokens)`` is called after each batch."""
-    model.eval()
-    recorder = Top1PathRecorder(model, num_layers)
-    try:
-        for batch in batches:
-            forward(model, batch)
-            before = recorder.num_tokens
-            recorder.end_forward()
-            if progress is not None:
-                progress(recorder.num_tokens - before)
-    finally:
-        recorder.remove()
-    counts, num_tokens = _merge_across_ranks(recorder.counts, recorder.num_tokens)
-    return sorted_path_counts(counts, num_tokens, num_layers)
-
-
-# --------------------------------------------------------------------------- restricted routing
 
 class PathRestriction:
     """The allowed paths of one model build, and per layer the top-k selection that keeps each
@@ -203,8 +47,8 @@ class PathRestriction:
         self.num_experts = num_experts
 
     @classmethod
-    def from_config(cls, config: Any) -> "PathRestriction | None":
-        if not getattr(config, "moe_path_restriction", None):
+    def from_config(cls, config: PathMoEConfig) -> "PathRestriction | None":
+        if not config.moe_path_restriction:
             return None
         paths = read_paths_file(config.moe_path_restriction, config.num_layers,
                                 config.num_experts).paths

@@ -17,6 +17,11 @@ from megatron_pathmoe.config import (
     ConfigError,
     PathMoEConfig,
 )
+from megatron_pathmoe.ops import PERMUTE_IMPLS
+from megatron_pathmoe.platform import DEVICE_CHOICES
+from megatron_pathmoe.runtime import OneLineErrorParser
+
+NONFINITE_ACTIONS = ("stop", "skip")  # --nonfinite-action
 
 
 @dataclass
@@ -64,14 +69,6 @@ class TrainingConfig:
         return self.global_batch_size // (self.micro_batch_size * dp)
 
 
-class OneLineErrorParser(argparse.ArgumentParser):
-    """argparse prints the whole usage (dozens of lines here) before an error; users need the
-    error, which names the flag and the fix."""
-
-    def error(self, message: str):
-        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = OneLineErrorParser(
         prog="pathmoe-pretrain",
@@ -80,7 +77,18 @@ def build_parser() -> argparse.ArgumentParser:
                     "when no GPU is present.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    m = PathMoEConfig()
+    model, train = PathMoEConfig(), TrainingConfig()
+    _model_flags(parser, model)
+    _moe_and_routing_flags(parser, model)
+    _parallel_flags(parser, model)
+    _training_flags(parser, train)
+    _data_flags(parser, train)
+    _runtime_flags(parser, train)
+    _checkpointing_flags(parser, train)
+    return parser
+
+
+def _model_flags(parser: argparse.ArgumentParser, m: PathMoEConfig) -> None:
     g = parser.add_argument_group("model")
     g.add_argument("--num-layers", type=int, default=m.num_layers)
     g.add_argument("--hidden-size", type=int, default=m.hidden_size)
@@ -98,6 +106,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--hidden-dropout", type=float, default=m.hidden_dropout)
     g.add_argument("--bf16", action="store_true")
 
+
+def _moe_and_routing_flags(parser: argparse.ArgumentParser, m: PathMoEConfig) -> None:
     g = parser.add_argument_group("mixture of experts and routing")
     g.add_argument("--num-experts", type=int, default=m.num_experts)
     g.add_argument("--moe-router-topk", type=int, default=m.moe_router_topk)
@@ -144,10 +154,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="LowRank-MoE per-layer correction rank (0: one shared router)")
     g.add_argument("--moe-path-restriction", default=None, metavar="PATHS.npy",
                    help="train with every token's top-1 expert path confined to the paths in "
-                        "this file (from `python -m megatron_pathmoe.routing.record_paths`)")
+                        "this file (from `python -m megatron_pathmoe.analysis.record_paths`)")
     g.add_argument("--moe-path-restriction-top-k", type=int, default=None,
                    help="use only the K most frequent paths of --moe-path-restriction")
 
+
+def _parallel_flags(parser: argparse.ArgumentParser, m: PathMoEConfig) -> None:
     g = parser.add_argument_group(
         "parallelism", "world size = TP x PP x DP; experts are split over EP ranks taken from "
         "DP x TP (expert-DP = world / (PP x EP)); experts are never tensor-parallel")
@@ -168,7 +180,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--use-distributed-optimizer", action="store_true",
                    help="shard Adam states and fp32 main weights over the data-parallel ranks")
 
-    t = TrainingConfig()
+
+def _training_flags(parser: argparse.ArgumentParser, t: TrainingConfig) -> None:
     g = parser.add_argument_group("training")
     g.add_argument("--micro-batch-size", type=int, default=t.micro_batch_size)
     g.add_argument("--global-batch-size", type=int, default=t.global_batch_size)
@@ -189,6 +202,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--eval-iters", type=int, default=t.eval_iters,
                    help="global batches per validation")
 
+
+def _data_flags(parser: argparse.ArgumentParser, t: TrainingConfig) -> None:
     g = parser.add_argument_group("data")
     g.add_argument("--data-path", nargs="+", default=[],
                    help="train prefixes (path without .bin/.idx), optionally 'weight prefix' "
@@ -201,8 +216,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--tokenizer-model", default="", help="a Hugging Face tokenizer.json")
     g.add_argument("--data-cache-path", default=None)
 
+
+def _runtime_flags(parser: argparse.ArgumentParser, t: TrainingConfig) -> None:
     g = parser.add_argument_group("runtime")
-    g.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+    g.add_argument("--device", choices=DEVICE_CHOICES, default="auto",
                    help="cpu runs megatron-core over gloo (auto: cpu when CUDA is absent)")
     g.add_argument("--transformer-impl", choices=("local", "transformer_engine"),
                    default="local")
@@ -210,7 +227,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--distributed-timeout-minutes", type=int,
                    default=t.distributed_timeout_minutes,
                    help="a collective that waits longer (a dead or hung rank) ends the job")
-    g.add_argument("--permute-impl", choices=("auto", "custom", "megatron", "reference"),
+    g.add_argument("--permute-impl", choices=PERMUTE_IMPLS,
                    default=t.permute_impl,
                    help="token permutation in the MoE dispatchers: custom = this project's "
                         "C++/CUDA ops (csrc/), megatron = megatron-core's unfused permute, "
@@ -226,6 +243,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="--dry-run without --tokenizer-model: the tokenizer's vocabulary "
                         "size (before padding)")
 
+
+def _checkpointing_flags(parser: argparse.ArgumentParser, t: TrainingConfig) -> None:
     g = parser.add_argument_group("checkpointing and faults")
     g.add_argument("--save", default=None,
                    help="directory for checkpoints (iter_XXXXXXX/ + "
@@ -239,13 +258,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="iterations between checkpoints (0: only at the end)")
     g.add_argument("--keep-last", type=int, default=None,
                    help="keep only the newest N complete checkpoints")
-    g.add_argument("--nonfinite-action", choices=("stop", "skip"), default=t.nonfinite_action,
+    g.add_argument("--nonfinite-action", choices=NONFINITE_ACTIONS, default=t.nonfinite_action,
                    help="on a NaN/Inf loss or grad norm: stop (the last checkpoint stays the "
                         "newest) or skip the optimizer step")
     g.add_argument("--max-skipped-steps", type=int, default=t.max_skipped_steps,
                    help="with --nonfinite-action skip: stop after this many consecutive "
                         "skipped steps")
-    return parser
 
 
 def _pick(cls, ns: argparse.Namespace):
@@ -265,42 +283,44 @@ def parse_args(argv: list[str] | None = None) -> tuple[PathMoEConfig, TrainingCo
     try:
         if ns.dry_run:
             world_size = ns.dry_run_world_size or world_size
-            _set_dry_run_vocab(model, ns.tokenizer_model, ns.dry_run_vocab_size)
-        validate(model, train, world_size, check_data=not ns.dry_run)
+            model = _dry_run_vocab(model, ns.tokenizer_model, ns.dry_run_vocab_size)
+        model = validate(model, train, world_size, check_data=not ns.dry_run)
     except (ConfigError, FileNotFoundError, ValueError) as err:
         parser.error(str(err))
     train.dry_run_world_size = world_size if ns.dry_run else None
     return model, train
 
 
-def _set_dry_run_vocab(model: PathMoEConfig, tokenizer_model: str, vocab_size: int | None) -> None:
+def _dry_run_vocab(model: PathMoEConfig, tokenizer_model: str,
+                   vocab_size: int | None) -> PathMoEConfig:
     """A dry run takes the vocabulary from the tokenizer when given, else from the flag."""
     from megatron_pathmoe.data import load_tokenizer
 
     if tokenizer_model:
-        model.vocab_size = load_tokenizer(tokenizer_model).vocab_size
-    elif vocab_size is not None and vocab_size > 0:
-        model.vocab_size = vocab_size
-    else:
-        raise ConfigError("--dry-run needs --tokenizer-model or --dry-run-vocab-size N (the "
-                          "tokenizer's vocabulary size) to count the embeddings")
+        return model.replace(vocab_size=load_tokenizer(tokenizer_model).vocab_size)
+    if vocab_size is not None and vocab_size > 0:
+        return model.replace(vocab_size=vocab_size)
+    raise ConfigError("--dry-run needs --tokenizer-model or --dry-run-vocab-size N (the "
+                      "tokenizer's vocabulary size) to count the embeddings")
 
 
 def validate(model: PathMoEConfig, train: TrainingConfig, world_size: int,
-             check_data: bool = True) -> None:
-    """Checks that need no process group. Sets ``model.vocab_size`` from the tokenizer.
-    ``check_data=False`` (``--dry-run``) skips the data, tokenizer and ``--load`` checks."""
+             check_data: bool = True) -> PathMoEConfig:
+    """Checks that need no process group; returns the resolved model config, its vocabulary
+    taken from the tokenizer. ``check_data=False`` (``--dry-run``) skips the data, tokenizer
+    and ``--load`` checks."""
     from megatron_pathmoe.data import load_tokenizer, parse_blend
     from megatron_pathmoe.parallel.layout import check_pipeline_schedule
 
-    model.validate(world_size)
+    model = model.validate(world_size)
     dp = train.data_parallel_size(model, world_size)
     if train.global_batch_size % (train.micro_batch_size * dp):
         raise ConfigError(
             f"--global-batch-size {train.global_batch_size} is not divisible by "
             f"--micro-batch-size {train.micro_batch_size} x data-parallel size {dp}")
     check_pipeline_schedule(model, train.num_microbatches(model, world_size))
-    for flag, value in (("--train-iters", train.train_iters), ("--log-interval", train.log_interval),
+    for flag, value in (("--train-iters", train.train_iters),
+                        ("--log-interval", train.log_interval),
                         ("--eval-iters", train.eval_iters)):
         if value < 1:
             raise ConfigError(f"{flag} must be at least 1")
@@ -312,23 +332,19 @@ def validate(model: PathMoEConfig, train: TrainingConfig, world_size: int,
     if train.save_interval and not train.save:
         raise ConfigError("--save-interval needs --save DIR")
     if not check_data:
-        return
+        return model
     if train.load:
         _check_resumable(train.load, model, train.tokenizer_model)
     parse_blend(train.data_path, "--data-path")  # checks every .bin/.idx exists
     if train.valid_data_path:
         parse_blend(train.valid_data_path, "--valid-data-path")
-    model.vocab_size = load_tokenizer(train.tokenizer_model).vocab_size
+    return model.replace(vocab_size=load_tokenizer(train.tokenizer_model).vocab_size)
 
 
 def _check_resumable(path: str, model: PathMoEConfig, tokenizer_model: str) -> None:
     """Fail before launch when --load names no usable checkpoint, a different model or a
     different tokenizer."""
-    from megatron_pathmoe.training.checkpointing import (
-        check_compatible,
-        file_sha256,
-        read_run_config,
-    )
+    from megatron_pathmoe.checkpoint import check_compatible, file_sha256, read_run_config
 
     saved = read_run_config(path)
     if os.path.isfile(tokenizer_model) and file_sha256(tokenizer_model) != saved.tokenizer_sha256:

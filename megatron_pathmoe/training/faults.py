@@ -22,6 +22,10 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from megatron_pathmoe.routing import RouterHooks, routers_of
+from megatron_pathmoe.runtime import all_reduce_to_cpu, warn
+from megatron_pathmoe.training.arguments import NONFINITE_ACTIONS
+
 FAULT_ENV = "PATHMOE_FAULT_INJECT"
 
 
@@ -33,23 +37,16 @@ class InjectedFault(RuntimeError):
     """Raised by ``fail_at`` fault injection."""
 
 
-def _routers(chunks: list) -> list:
-    from megatron.core.transformer.moe.router import Router
-
-    return [m for chunk in chunks for m in chunk.modules() if isinstance(m, Router)]
-
-
 def _all_reduce_max(tensor: torch.Tensor) -> torch.Tensor:
-    from megatron_pathmoe.training.metrics import all_reduce_to_cpu
-
     return all_reduce_to_cpu(tensor, dist.ReduceOp.MAX)
 
 
-class NonFiniteGuard:
+class NonFiniteGuard(RouterHooks):
     """Detects NaN/Inf loss or gradients before the optimizer step and locates the layer."""
 
     def __init__(self, chunks: list, num_layers: int, action: str, max_skipped: int) -> None:
-        if action not in ("stop", "skip"):
+        super().__init__()
+        if action not in NONFINITE_ACTIONS:
             raise ValueError(f"--nonfinite-action must be stop or skip, got {action!r}")
         self.chunks, self.action, self.max_skipped = chunks, action, max_skipped
         self.consecutive_skips = 0
@@ -57,7 +54,7 @@ class NonFiniteGuard:
         # micro-batches on the activations' device (read only when a step goes bad).
         self.num_layers = num_layers
         self._flags: torch.Tensor | None = None
-        self._handles = [r.register_forward_hook(self._record) for r in _routers(chunks)]
+        self.hook_forward(routers_of(chunks), self._record)
 
     def _record(self, router, inputs, output) -> None:
         if router.layer_number is None or not torch.is_grad_enabled():
@@ -72,7 +69,8 @@ class NonFiniteGuard:
     def _grads_nonfinite(self) -> bool:
         bad = [(~torch.isfinite(buffer.grad_data).all()).reshape(1)
                for chunk in self.chunks
-               for buffer in getattr(chunk, "buffers", []) + getattr(chunk, "expert_parallel_buffers", [])]
+               for buffer in (getattr(chunk, "buffers", [])  # megatron DDP's grad buffers
+                              + getattr(chunk, "expert_parallel_buffers", []))]
         local = torch.cat(bad).any().cpu() if bad else torch.tensor(False)
         return bool(_all_reduce_max(local.reshape(1).to(torch.uint8)).item())
 
@@ -106,13 +104,8 @@ class NonFiniteGuard:
         if self.consecutive_skips > self.max_skipped:
             raise NonFiniteError(message + f"; {self.consecutive_skips} consecutive skipped "
                                  "steps exceed --max-skipped-steps, stopping")
-        if not dist.is_initialized() or dist.get_rank() == 0:
-            print(f"WARNING: {message}; skipping the optimizer step", flush=True)
+        warn(f"{message}; skipping the optimizer step")
         return False
-
-    def remove(self) -> None:
-        for handle in self._handles:
-            handle.remove()
 
 
 @dataclass
@@ -146,15 +139,16 @@ class FaultInjector:
                                  "[:layer=L], fail_at=ITER[:rank=R] or slow_save=SECONDS") from None
         return injector
 
-    def before_step(self, iteration: int, chunks: list) -> list:
-        """Apply this iteration's faults; returns hook handles to remove after the step."""
+    def before_step(self, iteration: int, chunks: list) -> RouterHooks:
+        """Apply this iteration's faults; returns the hooks to remove after the step."""
         rank = dist.get_rank() if dist.is_initialized() else 0
         if self.fail_at == iteration and rank == self.fail_rank:
             raise InjectedFault(f"injected failure on rank {rank} at iteration {iteration}")
-        if self.nan_at != iteration:
-            return []
-        return [r.register_forward_pre_hook(_poison_input) for r in _routers(chunks)
-                if r.layer_number == self.nan_layer]
+        hooks = RouterHooks()
+        if self.nan_at == iteration:
+            hooks.hook_pre_forward([r for r in routers_of(chunks)
+                                    if r.layer_number == self.nan_layer], _poison_input)
+        return hooks
 
     def during_save(self) -> None:
         if self.slow_save_seconds:

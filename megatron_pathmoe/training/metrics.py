@@ -1,9 +1,11 @@
-"""What the training log reports beyond the loss: per-layer expert load, routing entropy and
-aux losses."""
+"""What the training log reports: the metrics window every scalar flows through, and what it
+measures beyond the loss (per-layer expert load, routing entropy, aux losses, peak memory)."""
 
 from __future__ import annotations
 
 import math
+import time
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -14,8 +16,12 @@ from megatron.core.transformer.moe.moe_utils import (
 )
 from megatron.core.transformer.moe.router import Router
 
+from megatron_pathmoe.config import PathMoEConfig
+from megatron_pathmoe.routing import RouterHooks, routers_of
+from megatron_pathmoe.runtime import all_reduce_to_cpu, log
 
-class ExpertLoadTracker:
+
+class ExpertLoadTracker(RouterHooks):
     """Per MoE layer, over training forwards: tokens routed to each expert, and the mean
     per-token entropy of the router's distribution over all experts.
 
@@ -25,13 +31,11 @@ class ExpertLoadTracker:
 
     def __init__(self, model_chunks: list[torch.nn.Module], num_layers: int,
                  num_experts: int) -> None:
+        super().__init__()
         self.num_experts = num_experts
         self.counts = torch.zeros(num_layers, num_experts, dtype=torch.float64)
         self.entropy = torch.zeros(num_layers, 2, dtype=torch.float64)  # [sum nats, tokens]
-        self._handles = [
-            module.register_forward_hook(self._hook)
-            for chunk in model_chunks for module in chunk.modules() if isinstance(module, Router)
-        ]
+        self.hook_forward(routers_of(model_chunks), self._hook)
 
     def _hook(self, router: Router, inputs, output) -> None:
         if not router.training or router.layer_number is None:
@@ -42,7 +46,7 @@ class ExpertLoadTracker:
             self.counts = self.counts.to(routing_map.device)
             self.entropy = self.entropy.to(routing_map.device)
         self.counts[row] += routing_map.detach().sum(0).to(torch.float64)
-        stats = getattr(router, "last_routing_entropy", None)
+        stats = getattr(router, "last_routing_entropy", None)  # set by our routers only
         if stats is not None:
             self.entropy[row] += stats.detach().to(self.entropy.device, torch.float64)
             router.last_routing_entropy = None
@@ -63,22 +67,6 @@ class ExpertLoadTracker:
         self.entropy.zero_()
         return torch.where(entropy[:, 1] > 0, entropy[:, 0] / entropy[:, 1].clamp_min(1),
                            torch.full_like(entropy[:, 0], float("nan")))
-
-    def remove(self) -> None:
-        for handle in self._handles:
-            handle.remove()
-
-
-def all_reduce_to_cpu(tensor: torch.Tensor, op: dist.ReduceOp = dist.ReduceOp.SUM
-                      ) -> torch.Tensor:
-    """A copy of ``tensor`` reduced over all ranks (on the backend's device), on the CPU."""
-    reduced = tensor.clone()
-    if dist.is_initialized():
-        device = (torch.device("cuda", torch.cuda.current_device())
-                  if dist.get_backend() == "nccl" else torch.device("cpu"))
-        reduced = reduced.to(device)
-        dist.all_reduce(reduced, op=op)
-    return reduced.cpu()
 
 
 def peak_memory_gib(device: str) -> float:
@@ -124,3 +112,72 @@ def format_entropy(entropy: torch.Tensor, num_experts: int) -> str:
     uniform router, towards 0 = collapsed onto one expert per token)."""
     top = math.log(num_experts) if num_experts > 1 else 1.0
     return " ".join(f"L{i + 1} {value / top:.2f}" for i, value in enumerate(entropy.tolist()))
+
+
+class MetricsWindow:
+    """The one place training scalars flow through. :meth:`update` takes every step's
+    numbers (loss, grad norm, lr, step time, aux losses); :meth:`flush` logs the window since
+    the last flush (every ``--log-interval``: tokens/s, expert load, routing entropy), resets
+    it and returns its scalars; the run's history stays for the summary."""
+
+    def __init__(self, chunks: list, model_cfg: PathMoEConfig, train_iters: int,
+                 tokens_per_iter: int, num_microbatches: int) -> None:
+        self.tracker = ExpertLoadTracker(chunks, model_cfg.num_layers, model_cfg.num_experts)
+        self.num_layers, self.num_experts = model_cfg.num_layers, model_cfg.num_experts
+        self.train_iters, self.tokens_per_iter = train_iters, tokens_per_iter
+        self.num_microbatches = num_microbatches
+        self.losses: list[float] = []
+        self.grad_norms: list[float] = []
+        self.step_seconds: list[float] = []
+        self.skipped: list[int] = []
+        self.aux_means: dict[str, float] = {}  # of the last flushed window
+        self.load: torch.Tensor | None = None  # of the last flushed window
+        self._reset()
+
+    def _reset(self) -> None:
+        self._start, self._iters, self._aux_sums = time.perf_counter(), 0, {}
+
+    def update(self, iteration: int, result: Any, seconds: float) -> None:
+        """One step's result (a ``StepResult``) and its duration. Collective (aux losses)."""
+        self.step_seconds.append(seconds)
+        self.losses.append(result.loss)
+        self.grad_norms.append(result.grad_norm)
+        if result.skipped:
+            self.skipped.append(iteration)
+        for name, value in pop_aux_losses(self.num_layers, self.num_microbatches).items():
+            self._aux_sums[name] = self._aux_sums.get(name, 0.0) + value
+        self._iters += 1
+        self._last = result
+
+    def exclude(self, seconds: float) -> None:
+        """Keep ``seconds`` spent outside training (a checkpoint save) out of tokens/s."""
+        self._start += seconds
+
+    def flush(self, iteration: int) -> dict[str, float]:
+        """Log the window ending at ``iteration`` and start a new one. Collective."""
+        elapsed = time.perf_counter() - self._start
+        self.load = self.tracker.pop_load()
+        entropy = self.tracker.pop_entropy()
+        self.aux_means = {k: v / self._iters for k, v in self._aux_sums.items()}
+        result, iters = self._last, self._iters
+        scalars = {"loss": result.loss, "grad_norm": result.grad_norm, "lr": result.lr,
+                   "tokens_per_second": self.tokens_per_iter * iters / elapsed,
+                   "ms_per_iter": 1000 * elapsed / iters, **self.aux_means}
+        aux = " ".join(f"{k} {v:.4f}" for k, v in self.aux_means.items()) or "aux loss off"
+        log(f"iter {iteration:6d}/{self.train_iters} | loss {result.loss:.4f} | {aux} | "
+            f"grad norm {result.grad_norm:.3f} | lr {result.lr:.2e} | "
+            f"{scalars['tokens_per_second']:,.0f} tokens/s | "
+            f"{scalars['ms_per_iter']:.0f} ms/iter{' | skipped' if result.skipped else ''}")
+        log(f"    expert load max/min vs uniform: {format_load(self.load)}")
+        log(f"    routing entropy / ln(E): {format_entropy(entropy, self.num_experts)}")
+        self._reset()
+        return scalars
+
+    def steady_step_seconds(self) -> float | None:
+        """Mean step time without the first steps, which pay one-off costs (allocator,
+        caches); None before any step."""
+        steady = self.step_seconds[min(2, len(self.step_seconds) - 1):]
+        return sum(steady) / len(steady) if steady else None
+
+    def close(self) -> None:
+        self.tracker.remove()

@@ -1,74 +1,9 @@
-"""``pathmoe-pretrain``: the pretraining entry point (launch with torchrun)."""
-
-from __future__ import annotations
+"""``python -m megatron_pathmoe.training.pretrain``: the ``pathmoe-pretrain`` console script
+(its code lives in ``megatron_pathmoe.training.cli``)."""
 
 import sys
-import warnings
 
-# megatron-core warns at import about every optional GPU package it cannot find (TE, apex);
-# the choice of implementation is explicit here (--transformer-impl), so they are noise.
-OPTIONAL_PACKAGE_WARNINGS = r".*(Transformer Engine|Apex|apex|transformer_engine).*not installed.*"
-
-
-def main(argv: list[str] | None = None) -> int:
-    warnings.filterwarnings("ignore", message=OPTIONAL_PACKAGE_WARNINGS)
-    from megatron_pathmoe.platform import resolve_device
-    from megatron_pathmoe.training.arguments import parse_args
-
-    model_cfg, train_cfg = parse_args(argv)  # exits with a one-line error on bad input
-    device = resolve_device(train_cfg.device)
-    if train_cfg.dry_run:
-        return _dry_run(model_cfg, train_cfg)
-    from megatron_pathmoe.training.loop import destroy_distributed, pretrain
-
-    try:
-        pretrain(model_cfg, train_cfg, device)
-    except Exception as err:  # name the rank: torchrun interleaves every rank's stderr
-        return _report_failure(err)
-    finally:
-        destroy_distributed()
-    return 0
-
-
-def _dry_run(model_cfg, train_cfg) -> int:
-    """The validated layout, parameter counts and memory estimate; no process group."""
-    from megatron_pathmoe.model.estimate import layout_report
-    from megatron_pathmoe.parallel.layout import describe_layout
-
-    world = train_cfg.dry_run_world_size
-    nmb = train_cfg.num_microbatches(model_cfg, world)
-    print(f"dry run: routing={model_cfg.routing} layers={model_cfg.num_layers} "
-          f"hidden={model_cfg.hidden_size} experts={model_cfg.num_experts} "
-          f"top{model_cfg.moe_router_topk} seq={model_cfg.seq_length}")
-    print(f"layout OK for world size {world}: {describe_layout(model_cfg, world)}; "
-          f"global batch {train_cfg.global_batch_size} = micro-batch "
-          f"{train_cfg.micro_batch_size} x {nmb} micro-batches x DP "
-          f"{train_cfg.data_parallel_size(model_cfg, world)}")
-    _, _, report = layout_report(
-        model_cfg, world, micro_batch_size=train_cfg.micro_batch_size, num_microbatches=nmb,
-        use_distributed_optimizer=train_cfg.use_distributed_optimizer,
-        flash_attention=train_cfg.transformer_impl == "transformer_engine")
-    print("\n".join(report), flush=True)
-    return 0
-
-
-def _report_failure(err: Exception) -> int:
-    """One line naming the rank and the error (a traceback first when it is not one of ours);
-    the non-zero exit makes torchrun stop the other ranks."""
-    import os
-    import socket
-    import traceback
-
-    from megatron_pathmoe.training.checkpointing import CheckpointError
-    from megatron_pathmoe.training.faults import InjectedFault, NonFiniteError
-
-    if not isinstance(err, (CheckpointError, InjectedFault, NonFiniteError)):
-        traceback.print_exc()
-    rank = os.environ.get("RANK", "0")
-    print(f"pathmoe-pretrain: rank {rank} on {socket.gethostname()} failed: "
-          f"{type(err).__name__}: {err}", file=sys.stderr, flush=True)
-    return 1
-
+from megatron_pathmoe.training.cli import main
 
 if __name__ == "__main__":
     sys.exit(main())

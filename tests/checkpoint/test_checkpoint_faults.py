@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from megatron_pathmoe.training.checkpointing import (
+from megatron_pathmoe.checkpoint import (
     TRACKER_FILE,
     CheckpointError,
     read_run_config,

@@ -73,7 +73,7 @@ def test_state_dict_round_trip_is_bitwise(megatron_world1, case):
 def test_checkpoint_round_trip_through_files(megatron_world1, tmp_path):
     """megatron checkpoint -> HF directory (2 shards) -> megatron checkpoint: bitwise equal
     weights, block ties restored, and the same logits."""
-    from megatron_pathmoe.training.checkpointing import (
+    from megatron_pathmoe.checkpoint import (
         load_model_for_inference,
         read_run_config,
         save_model_checkpoint,

@@ -40,7 +40,7 @@ def sharded_checkpoint(demo_data, tmp_path_factory):
 
 def test_sharded_checkpoint_exports_identical_weights_both_ways(megatron_world1,
                                                                 sharded_checkpoint):
-    from megatron_pathmoe.training.checkpointing import load_model_for_inference
+    from megatron_pathmoe.checkpoint import load_model_for_inference
 
     root = sharded_checkpoint
     resharded = export_to_hf(str(root / "ckpt"), str(root / "hf_world1"))

@@ -10,7 +10,7 @@ import torch
 
 from megatron_pathmoe.convert import ConversionError, canonical_state, import_from_hf
 from megatron_pathmoe.convert.checkpoint import export_to_hf
-from megatron_pathmoe.training.checkpointing import CheckpointError, load_model_for_inference
+from megatron_pathmoe.checkpoint import CheckpointError, load_model_for_inference
 from tests.conftest import run_cli
 from tests.convert.conftest import (
     build_model,

@@ -10,7 +10,7 @@ parallel state in between. Two modes:
   losses, grad norms and the consistency checks of the router copies.
 
 Everything the training step does is the production code (``build_model_and_optimizer`` and
-``train_step`` of ``megatron_pathmoe.training.loop``); only the data is synthetic.
+``train_step`` of ``megatron_pathmoe.training.step``); only the data is synthetic.
 
     python -m tests.distributed.parallel_driver --mode reference --spec spec.json --out ref.json
     torchrun --nproc_per_node 2 -m tests.distributed.parallel_driver --mode cases ...
@@ -93,7 +93,7 @@ def _reset_megatron_globals() -> None:
 
 
 def _train(chunks, optimizer, scheduler, model_cfg, train) -> tuple[list, list]:
-    from megatron_pathmoe.training.loop import train_step
+    from megatron_pathmoe.training.step import train_step
 
     world = dist.get_world_size()
     nmb = train.num_microbatches(model_cfg, world)
@@ -171,9 +171,10 @@ def _world_max(value: float) -> float:
 def _setup(model_cfg, train):
     from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 
-    from megatron_pathmoe.training.loop import build_model_and_optimizer, initialize_model_parallel
+    from megatron_pathmoe.runtime import initialize_model_parallel
+    from megatron_pathmoe.training.build import build_model_and_optimizer
 
-    model_cfg.validate(dist.get_world_size())
+    model_cfg = model_cfg.validate(dist.get_world_size())
     initialize_model_parallel(model_cfg)
     torch.manual_seed(train.seed)
     model_parallel_cuda_manual_seed(train.seed)
@@ -189,7 +190,7 @@ def _teardown() -> None:
 
 def run_reference(spec: dict, workdir: str) -> dict:
     """World 1: save each variant's initial weights and train it."""
-    from megatron_pathmoe.training.checkpointing import save_model_checkpoint
+    from megatron_pathmoe.checkpoint import save_model_checkpoint
 
     results = {}
     for name, variant in spec["variants"].items():
@@ -209,7 +210,7 @@ def run_case(case: dict, spec: dict, workdir: str) -> dict:
     from megatron.core import parallel_state as ps
     from megatron.core.distributed.finalize_model_grads import finalize_model_grads
 
-    from megatron_pathmoe.training.checkpointing import load_checkpoint
+    from megatron_pathmoe.checkpoint import load_checkpoint
 
     from megatron_pathmoe.parallel import RouterTies
 

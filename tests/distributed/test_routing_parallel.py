@@ -53,7 +53,7 @@ def _launch(tmp_path, spec: dict, world: int) -> dict:
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    from megatron_pathmoe.routing.restriction import write_paths_file
+    from megatron_pathmoe.expert_paths import write_paths_file
 
     tmp = tmp_path_factory.mktemp("routing_parallel")
     layers, experts = MODEL_SHAPE["num_layers"], MODEL_SHAPE["num_experts"]

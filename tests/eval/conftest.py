@@ -27,7 +27,7 @@ def tiny_checkpoint(megatron_world1, tmp_path_factory) -> str:
     from megatron_pathmoe.config import PathMoEConfig
     from megatron_pathmoe.data import load_tokenizer
     from megatron_pathmoe.model import build_gpt_model
-    from megatron_pathmoe.training.checkpointing import save_model_checkpoint
+    from megatron_pathmoe.checkpoint import save_model_checkpoint
 
     config = PathMoEConfig(num_layers=4, hidden_size=64, num_attention_heads=4,
                            num_query_groups=2, moe_ffn_hidden_size=64, seq_length=64,

@@ -34,7 +34,7 @@ def _reference_logprob(model, request, max_length: int, vocab_size: int) -> floa
 @needs_olmo_eval
 def test_batched_scores_match_one_request_per_forward(tiny_checkpoint):
     from megatron_pathmoe.data import load_tokenizer
-    from megatron_pathmoe.training.checkpointing import load_model_for_inference
+    from megatron_pathmoe.checkpoint import load_model_for_inference
 
     model, run = load_model_for_inference(tiny_checkpoint)
     tokenizer = load_tokenizer(run.tokenizer_path)

@@ -61,7 +61,8 @@ def test_training_stack_reaches_no_unhandled_cuda_call(megatron_world1):
 
     from megatron_pathmoe.config import PathMoEConfig
     from megatron_pathmoe.training.arguments import TrainingConfig
-    from megatron_pathmoe.training.loop import build_model_and_optimizer, forward_step
+    from megatron_pathmoe.model import forward_step
+    from megatron_pathmoe.training.build import build_model_and_optimizer
 
     clear_unhandled_cuda_calls()
     for dispatcher in ("alltoall", "allgather"):

@@ -8,13 +8,9 @@ import numpy as np
 import pytest
 import torch
 
+from megatron_pathmoe.analysis.record_paths import count_top1_paths, sorted_path_counts
 from megatron_pathmoe.config import ConfigError, PathMoEConfig
-from megatron_pathmoe.routing.restriction import (
-    count_top1_paths,
-    read_paths_file,
-    sorted_path_counts,
-    write_paths_file,
-)
+from megatron_pathmoe.expert_paths import read_paths_file, write_paths_file
 from tests.unit.test_block_shared_router import TINY, batch, build, routers
 from tests.unit.test_routing_golden import EYE, make_routers, set_, tokens
 
@@ -179,7 +175,7 @@ def test_record_then_continue_training_restricted(demo_data, tmp_path):
     first = run_cli([*common, "--train-iters", "2"])
     assert first.returncode == 0, first.stdout[-2000:] + first.stderr[-3000:]
     stem = tmp_path / "paths" / "top"
-    rec = run_cli(["-m", "megatron_pathmoe.routing.record_paths", "--load",
+    rec = run_cli(["-m", "megatron_pathmoe.analysis.record_paths", "--load",
                    str(tmp_path / "ckpt"), "--data-path", demo_data["valid_prefix"],
                    "--num-tokens", "512", "--top-k", "2", "--output", str(stem),
                    "--micro-batch-size", "2"])

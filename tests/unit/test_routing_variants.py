@@ -40,7 +40,8 @@ def routing_maps(model) -> list[torch.Tensor]:
 def train_steps(model_cfg: PathMoEConfig, steps: int = 2):
     """A few real training steps (megatron DDP, optimizer, finalize_model_grads)."""
     from megatron_pathmoe.training.arguments import TrainingConfig
-    from megatron_pathmoe.training.loop import build_model_and_optimizer, train_step
+    from megatron_pathmoe.training.build import build_model_and_optimizer
+    from megatron_pathmoe.training.step import train_step
 
     train = TrainingConfig(train_iters=steps, lr=1e-2, lr_warmup_iters=0, micro_batch_size=2,
                            global_batch_size=2)
@@ -96,7 +97,8 @@ def test_every_variant_trains_and_logs_entropy(megatron_world1, name):
     cfg = config(extra.pop("routing", name), moe_aux_loss_coeff=0.01, moe_z_loss_coeff=1e-3,
                  **extra)
     from megatron_pathmoe.training.arguments import TrainingConfig
-    from megatron_pathmoe.training.loop import build_model_and_optimizer, train_step
+    from megatron_pathmoe.training.build import build_model_and_optimizer
+    from megatron_pathmoe.training.step import train_step
 
     train = TrainingConfig(train_iters=3, lr=1e-2, lr_warmup_iters=0, micro_batch_size=2,
                            global_batch_size=2)

@@ -1,0 +1,102 @@
+"""What a training run is built from: this rank's model chunks in megatron DDP, the megatron
+optimizer and LR scheduler, and the data iterators."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from megatron_pathmoe.config import PathMoEConfig
+from megatron_pathmoe.training.arguments import TrainingConfig
+
+
+def build_model_and_optimizer(model_cfg: PathMoEConfig, train: TrainingConfig, device: str):
+    """This rank's model chunks (one per virtual pipeline stage) wrapped in megatron DDP, the
+    megatron optimizer and LR scheduler, with ``--permute-impl`` installed. Router parameters
+    tied across pipeline stages start identical and have their gradients summed after the
+    data-parallel reduction."""
+    from megatron_pathmoe.model import build_model_chunks
+    from megatron_pathmoe.parallel import RouterTies, reduce_expert_grads_over_expert_dp
+
+    models = build_model_chunks(
+        model_cfg, use_transformer_engine=train.transformer_impl == "transformer_engine",
+        use_cpu_initialization=device == "cpu",  # CPU: TP layouts start from TP=1's weights
+        permute_impl=train.permute_impl, device=device)
+    if device == "cuda":
+        for model in models:
+            model.cuda(torch.cuda.current_device())
+    reduce_expert_grads_over_expert_dp(models, model_cfg)
+    ties = RouterTies.build(models)
+    ties.tag_for_megatron()  # before DDP: buckets and grad-norm accounting read the tags
+    ties.sync_weights()      # before the optimizer copies main weights
+    chunks = _wrap_ddp(models, train)
+    optimizer, scheduler = _optimizer_and_scheduler(chunks, model_cfg, train)
+    # The hooks megatron's schedules call: grad sync (+ router ties), loss scaling, no_sync.
+    config = models[0].config
+    config.finalize_model_grads_func = ties.finalize_model_grads_func()
+    config.grad_scale_func = optimizer.scale_loss
+    config.no_sync_func = ([chunk.no_sync for chunk in chunks] if len(chunks) > 1
+                           else chunks[0].no_sync)
+    return chunks, optimizer, scheduler
+
+
+def _wrap_ddp(models: list[torch.nn.Module], train: TrainingConfig) -> list[Any]:
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+
+    ddp_config = DistributedDataParallelConfig(
+        grad_reduce_in_fp32=True, overlap_grad_reduce=False,
+        use_distributed_optimizer=train.use_distributed_optimizer,
+        check_for_nan_in_grad=False)  # NonFiniteGuard checks (and can skip) instead
+    return [DistributedDataParallel(config=model.config, ddp_config=ddp_config, module=model,
+                                    disable_bucketing=i > 0)
+            for i, model in enumerate(models)]
+
+
+def _optimizer_and_scheduler(chunks: list, model_cfg: PathMoEConfig, train: TrainingConfig):
+    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+    optimizer = get_megatron_optimizer(
+        OptimizerConfig(optimizer="adam", lr=train.lr, min_lr=train.min_lr,
+                        weight_decay=train.weight_decay, adam_beta1=train.adam_beta1,
+                        adam_beta2=train.adam_beta2, clip_grad=train.clip_grad,
+                        bf16=model_cfg.bf16, params_dtype=model_cfg.params_dtype,
+                        use_distributed_optimizer=train.use_distributed_optimizer),
+        chunks)
+    scheduler = OptimizerParamScheduler(
+        optimizer, init_lr=0.0, max_lr=train.lr, min_lr=train.min_lr,
+        lr_warmup_steps=train.lr_warmup_iters, lr_decay_steps=train.train_iters,
+        lr_decay_style=train.lr_decay_style, start_wd=train.weight_decay,
+        end_wd=train.weight_decay, wd_incr_steps=train.train_iters, wd_incr_style="constant")
+    return optimizer, scheduler
+
+
+def build_data_iterators(model_cfg: PathMoEConfig, train: TrainingConfig,
+                         consumed_samples: int = 0):
+    """This data-parallel rank's train and validation iterators (one per model chunk under an
+    interleaved pipeline); the train one starts after ``consumed_samples`` (resume)."""
+    from megatron.core import parallel_state
+
+    from megatron_pathmoe.data import build_gpt_datasets, load_tokenizer, make_data_iterator
+
+    tokenizer = load_tokenizer(train.tokenizer_model)
+    evals = train.train_iters // train.eval_interval + 1 if train.eval_interval else 1
+    train_ds, valid_ds = build_gpt_datasets(
+        train.data_path, train.valid_data_path or None, tokenizer, model_cfg.seq_length,
+        train.seed, train_samples=train.train_iters * train.global_batch_size,
+        valid_samples=evals * train.eval_iters * train.global_batch_size, split=train.split,
+        cache_dir=train.data_cache_path)
+    dp_rank = parallel_state.get_data_parallel_rank()
+    dp_size = parallel_state.get_data_parallel_world_size()
+    # The interleaved schedule reads one iterator per model chunk; each pipeline stage reads
+    # the whole batch (the first stage uses the tokens, the last the labels and loss mask).
+    vpp = model_cfg.virtual_pipeline_model_parallel_size
+
+    def iterators(dataset, consumed: int = 0):
+        def make():
+            return make_data_iterator(dataset, train.micro_batch_size, dp_rank, dp_size,
+                                      consumed_samples=consumed)
+        return make() if vpp is None else [make() for _ in range(vpp)]
+
+    return iterators(train_ds, consumed_samples), iterators(valid_ds)

@@ -1,0 +1,179 @@
+"""The pretraining run, built from megatron-core's own pieces (parallel state, the
+forward-backward schedules, megatron DDP, ``get_megatron_optimizer``, ``finalize_model_grads``,
+``OptimizerParamScheduler``) and split like torchtitan's ``Trainer``: :meth:`Trainer.setup`,
+:meth:`Trainer.train_step`, :meth:`Trainer.evaluate`, :meth:`Trainer.train`. Every scalar
+goes through the :class:`~megatron_pathmoe.training.metrics.MetricsWindow`, and the run
+summary is built from it."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from functools import partial
+
+import torch.distributed as dist
+
+from megatron_pathmoe.config import PathMoEConfig
+from megatron_pathmoe.runtime import check_platform, initialize_distributed, log
+from megatron_pathmoe.training.arguments import TrainingConfig
+from megatron_pathmoe.training.build import build_data_iterators, build_model_and_optimizer
+from megatron_pathmoe.training.faults import FaultInjector, NonFiniteGuard
+from megatron_pathmoe.training.metrics import MetricsWindow, peak_memory_gib
+from megatron_pathmoe.training.step import StepResult, evaluate, train_step
+from megatron_pathmoe.training.summary import (
+    RunSummary,
+    build_summary,
+    log_summary,
+    write_summary,
+)
+
+
+class Trainer:
+    """One pretraining run on this rank. Assumes validated configs."""
+
+    def __init__(self, model_cfg: PathMoEConfig, train: TrainingConfig, device: str) -> None:
+        self.model_cfg, self.train_cfg, self.device = model_cfg, train, device
+        self.start_iteration = self.consumed_samples = 0
+
+    # ------------------------------------------------------------------ setup
+
+    def setup(self) -> None:
+        """Process group, model, optimizer, resume, data, metrics and fault hooks."""
+        cfg, train = self.model_cfg, self.train_cfg
+        self.device = initialize_distributed(cfg, self.device, seed=train.seed,
+                                             timeout_minutes=train.distributed_timeout_minutes)
+        self.world = dist.get_world_size()
+        self.num_microbatches = train.num_microbatches(cfg, self.world)
+        self.chunks, self.optimizer, self.scheduler = build_model_and_optimizer(
+            cfg, train, self.device)
+        self.parameters = self._log_setup()
+        self._resume()
+        self.train_iter, self.valid_iter = build_data_iterators(
+            cfg, train, consumed_samples=self.consumed_samples)
+        self.window = MetricsWindow(self.chunks, cfg, train.train_iters,
+                                    train.global_batch_size * cfg.seq_length,
+                                    self.num_microbatches)
+        self.guard = NonFiniteGuard(self.chunks, cfg.num_layers, train.nonfinite_action,
+                                    train.max_skipped_steps)
+        self.faults = FaultInjector.from_env()
+
+    def _log_setup(self) -> dict[str, int]:
+        """Log the permutation, layout, memory estimate and parameters; returns the counts."""
+        from megatron_pathmoe.model import count_parameters
+        from megatron_pathmoe.model.estimate import layout_report
+        from megatron_pathmoe.ops import installed_permute_impl
+        from megatron_pathmoe.parallel.layout import describe_layout
+
+        cfg, train, world, nmb = self.model_cfg, self.train_cfg, self.world, self.num_microbatches
+        log(f"token permutation: {installed_permute_impl()} (--permute-impl {train.permute_impl})")
+        params, stages, report = layout_report(
+            cfg, world, micro_batch_size=train.micro_batch_size, num_microbatches=nmb,
+            use_distributed_optimizer=train.use_distributed_optimizer,
+            flash_attention=train.transformer_impl == "transformer_engine")
+        log(f"PathMoE pretraining: routing={cfg.routing_label} layers={cfg.num_layers} "
+            f"hidden={cfg.hidden_size} experts={cfg.num_experts} top{cfg.moe_router_topk} "
+            f"world={world} ({describe_layout(cfg, world)}) micro-batches={nmb} "
+            f"device={self.device}")
+        for line in report:
+            log(line)
+        held = sum(count_parameters(chunk.module, cfg).total for chunk in self.chunks)
+        log(f"parameters held by rank 0: {held:,} (estimate {stages[0].params.total:,})")
+        return {"total": params.total, "active": params.active, "router": params.router}
+
+    def _resume(self) -> None:
+        from megatron_pathmoe.checkpoint import load_checkpoint
+
+        train = self.train_cfg
+        if not train.load:
+            return
+        resume = load_checkpoint(train.load, self.chunks, self.optimizer, self.scheduler,
+                                 self.model_cfg)
+        rng = "" if resume.rng_restored else " (RNG states not restored: different parallel layout)"
+        log(f"resumed from {resume.checkpoint_dir}: iteration {resume.iteration}, "
+            f"{resume.consumed_samples:,} samples consumed{rng}")
+        if resume.iteration > train.train_iters:
+            raise ValueError(f"--load {resume.checkpoint_dir} is at iteration {resume.iteration}, "
+                             f"past --train-iters {train.train_iters}; raise --train-iters")
+        self.start_iteration, self.consumed_samples = resume.iteration, resume.consumed_samples
+
+    # ------------------------------------------------------------------ steps
+
+    def train_step(self, iteration: int) -> StepResult:
+        """One global batch (faults injected first, the non-finite guard before the update)."""
+        injected = self.faults.before_step(iteration, self.chunks)
+        t0 = time.perf_counter()
+        result = train_step(self.chunks, self.optimizer, self.scheduler, self.train_iter,
+                            self.model_cfg, self.train_cfg, self.num_microbatches,
+                            should_step=partial(self.guard.should_step, iteration))
+        seconds = time.perf_counter() - t0
+        injected.remove()
+        self.consumed_samples += self.train_cfg.global_batch_size
+        self.window.update(iteration, result, seconds)
+        return result
+
+    def evaluate(self) -> float:
+        """Mean validation loss over ``--eval-iters`` global batches."""
+        return evaluate(self.chunks, self.valid_iter, self.model_cfg, self.train_cfg,
+                        self.num_microbatches)
+
+    def train(self) -> RunSummary:
+        """``--train-iters`` iterations with periodic logs, validation and saves; then the
+        final validation and the run summary (written to ``--summary-json``)."""
+        last = self.train_cfg.train_iters
+        for iteration in range(self.start_iteration + 1, last + 1):
+            self.train_step(iteration)
+            self._after_step(iteration, last)
+        valid_loss = self.evaluate()
+        self.window.close()
+        self.guard.remove()
+        summary = self.summary(valid_loss)
+        log_summary(summary)
+        check_platform(self.device)
+        write_summary(summary, self.train_cfg.summary_json)
+        return summary
+
+    def _after_step(self, iteration: int, last: int) -> None:
+        train = self.train_cfg
+        if iteration % train.log_interval == 0 or iteration == last:
+            self.window.flush(iteration)
+        if train.eval_interval and iteration % train.eval_interval == 0 and iteration != last:
+            val = self.evaluate()
+            log(f"validation at iter {iteration}: loss {val:.4f} ppl {math.exp(val):.2f}")
+        if train.save and (iteration == last or (
+                train.save_interval and iteration % train.save_interval == 0)):
+            self.window.exclude(self.save(iteration))  # out of the next window's tokens/s
+
+    def save(self, iteration: int) -> float:
+        """Save a checkpoint (collective); returns the seconds it took."""
+        from megatron_pathmoe.checkpoint import CheckpointMeta, save_checkpoint
+
+        train = self.train_cfg
+        log(f"saving checkpoint at iteration {iteration} to {train.save}")
+        t0 = time.perf_counter()
+        meta = CheckpointMeta(model=self.model_cfg, tokenizer_path=train.tokenizer_model,
+                              consumed_samples=self.consumed_samples,
+                              training=dataclasses.asdict(train))
+        path = save_checkpoint(train.save, iteration, self.chunks, self.optimizer,
+                               self.scheduler, meta, keep_last=train.keep_last,
+                               before_publish=self.faults.during_save)
+        seconds = time.perf_counter() - t0
+        log(f"saved {path} in {seconds:.1f} s")
+        return seconds
+
+    def summary(self, valid_loss: float) -> RunSummary:
+        """The run summary from the metrics window (collective: peak memory)."""
+        run = {"routing": self.model_cfg.routing,
+               "path_block_size": self.model_cfg.router_block_size,
+               "iterations": self.train_cfg.train_iters, "parameters": self.parameters,
+               "start_iteration": self.start_iteration,
+               "consumed_samples": self.consumed_samples, "world_size": self.world,
+               "peak_memory_gib": peak_memory_gib(self.device)}
+        return build_summary(self.window, run, valid_loss)
+
+
+def pretrain(model_cfg: PathMoEConfig, train: TrainingConfig, device: str) -> RunSummary:
+    """Set up and run :class:`Trainer`; returns (and optionally writes) the run summary."""
+    trainer = Trainer(model_cfg, train, device)
+    trainer.setup()
+    return trainer.train()
