@@ -1,117 +1,16 @@
 #!/usr/bin/env python3
-"""Tokenize a corpus into Megatron indexed datasets: {output-prefix}_{key}_document.bin/.idx.
+"""Tokenize a corpus into Megatron indexed datasets (Megatron-LM's tools/preprocess_data.py flags).
 
-Flags follow Megatron-LM's tools/preprocess_data.py; the output is byte-compatible with
-megatron-core's IndexedDatasetBuilder. Inputs: jsonl (.gz/.zst), or plain text with one document
-per file or per blank-line paragraph. Bad records stop the run with file:line (or are skipped
-and counted with --on-bad-record skip); outputs appear only when complete.
-
-examples:
-  # jsonl, 8 tokenizer processes
-  python tools/preprocess_data.py --input corpus.jsonl.zst --output-prefix runs/data/corpus \\
-      --tokenizer-type HuggingFaceTokenizer --tokenizer-model tokenizer.json --append-eod --workers 8
-  # a folder of .txt files, one document per file; GPT-2 BPE
-  python tools/preprocess_data.py --input docs/ --input-format text-file --output-prefix runs/data/docs \\
-      --tokenizer-type GPT2BPETokenizer --vocab-file vocab.json --merge-file merges.txt --append-eod
-  # merge datasets (like Megatron's tools/merge_datasets.py): writes runs/data/all.bin/.idx
-  python tools/preprocess_data.py --merge runs/data/a_text_document runs/data/b_text_document \\
-      --output-prefix runs/data/all
+Thin wrapper; the command line lives in ``megatron_pathmoe.data.cli`` (see ``--help``).
 """
 
-from __future__ import annotations
-
-import argparse
 import os
-import signal
 import sys
 
 # Runnable from a checkout without installing the package.
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from megatron_pathmoe.data.encoders import TokenizerSpec, add_tokenizer_arguments, spec_from_arguments  # noqa: E402
-from megatron_pathmoe.data.errors import DataError  # noqa: E402
-from megatron_pathmoe.data.preprocess import (  # noqa: E402
-    MAX_DOCUMENT_BYTES, POLICIES, PreprocessConfig, merge_datasets, run_preprocess,
-)
-from megatron_pathmoe.data.readers import INPUT_FORMATS  # noqa: E402
-
-
-def build_parser() -> argparse.ArgumentParser:
-    head, examples = __doc__.split("\n\nexamples:\n", 1)
-    parser = argparse.ArgumentParser(description=head, epilog="examples:\n" + examples,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    io = parser.add_argument_group("input and output")
-    io.add_argument("--input", nargs="+", metavar="PATH",
-                    help="input files, folders (walked in sorted order) or globs; .gz/.zst are decompressed")
-    io.add_argument("--input-format", choices=INPUT_FORMATS, default="jsonl",
-                    help="jsonl: one JSON object per line; text-file: one document per file; "
-                         "text-paragraph: documents separated by blank lines (default: jsonl)")
-    io.add_argument("--json-keys", nargs="+", default=["text"],
-                    help="JSON fields to tokenize, one dataset each (default: text); names the output "
-                         "of text inputs")
-    io.add_argument("--output-prefix", required=True,
-                    help="writes {prefix}_{key}_document.bin/.idx (with --merge: {prefix}.bin/.idx)")
-    io.add_argument("--merge", nargs="+", metavar="PREFIX",
-                    help="instead of tokenizing, concatenate these datasets (prefixes or folders) in order")
-    add_tokenizer_arguments(parser.add_argument_group("tokenizer"))
-    doc = parser.add_argument_group("documents")
-    doc.add_argument("--append-eod", action="store_true", help="append the EOD token to every document")
-    doc.add_argument("--split-sentences", action="store_true",
-                     help="one sequence per sentence (rule-based split after . ! ? before a capital; "
-                          "not NLTK punkt)")
-    doc.add_argument("--on-bad-record", choices=POLICIES, default="fail",
-                     help="fail: stop at the first bad record (malformed JSON, missing key, non-string, "
-                          "invalid UTF-8, too large, empty input file) naming file:line; skip: skip and "
-                          "count them (default: fail). Empty documents are always skipped and counted")
-    doc.add_argument("--max-document-bytes", type=int, default=MAX_DOCUMENT_BYTES,
-                     help=f"larger documents are bad records, never read into memory (default: {MAX_DOCUMENT_BYTES})")
-    run = parser.add_argument_group("parallelism and progress")
-    run.add_argument("--workers", type=int, default=1,
-                     help="tokenizer processes in total (1 = in the main process)")
-    run.add_argument("--partitions", type=int, default=1,
-                     help="independent reader pipelines over contiguous parts of the input, merged at the "
-                          "end; worth it only when one reader cannot feed the workers (default: 1)")
-    run.add_argument("--log-interval", type=int, default=1000,
-                     help="documents between progress lines when stderr is not a terminal")
-    run.add_argument("--quiet", action="store_true", help="no progress, warnings or summary")
-    return parser
-
-
-def _config(args: argparse.Namespace) -> PreprocessConfig:
-    spec = spec_from_arguments(args) or TokenizerSpec(args.tokenizer_type)  # load() names the missing flag
-    return PreprocessConfig(
-        inputs=args.input, output_prefix=args.output_prefix, tokenizer=spec, input_format=args.input_format,
-        json_keys=tuple(args.json_keys), append_eod=args.append_eod, split_sentences=args.split_sentences,
-        workers=args.workers, partitions=args.partitions, on_bad_record=args.on_bad_record,
-        max_document_bytes=args.max_document_bytes, log_interval=args.log_interval, quiet=args.quiet,
-    )
-
-
-def _interrupt(signum, frame) -> None:
-    raise KeyboardInterrupt  # SIGTERM cleans up like Ctrl-C
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    if bool(args.input) == bool(args.merge):
-        parser.error("give either --input (tokenize) or --merge (concatenate datasets)")
-    previous = signal.signal(signal.SIGTERM, _interrupt)
-    try:
-        if args.merge:
-            merge_datasets(args.merge, args.output_prefix, quiet=args.quiet)
-        else:
-            run_preprocess(_config(args))
-    except DataError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted: partial outputs removed, nothing written", file=sys.stderr)
-        return 130
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-    return 0
-
+from megatron_pathmoe.data.cli import preprocess_main as main  # noqa: E402
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -2,6 +2,8 @@
 
 The modules that need torch or megatron-core (``datasets``, ``tokenizer``) are imported on first
 use of their names, so the preprocessing and inspection tools start in a fraction of a second.
+``cli`` holds ``tools/preprocess_data.py`` and ``tools/inspect_data.py``. A leaf of the model
+core: it imports nothing else of the package.
 """
 
 from __future__ import annotations
@@ -12,9 +14,19 @@ from typing import Any
 from megatron_pathmoe.data.corpus import default_demo_paths, prepare_demo_data
 from megatron_pathmoe.data.encoders import EOD_TOKEN, TOKENIZER_TYPES, TokenizerSpec
 from megatron_pathmoe.data.errors import DataError
-from megatron_pathmoe.data.indexed import IndexInfo, IndexWriter, check_indexed_dataset, token_dtype
+from megatron_pathmoe.data.indexed import (
+    IndexInfo,
+    IndexWriter,
+    check_indexed_dataset,
+    token_dtype,
+)
 from megatron_pathmoe.data.inspection import inspect_dataset
-from megatron_pathmoe.data.preprocess import PreprocessConfig, merge_datasets, preprocess, run_preprocess
+from megatron_pathmoe.data.preprocess import (
+    PreprocessConfig,
+    merge_datasets,
+    preprocess,
+    run_preprocess,
+)
 
 _LAZY = {
     "build_gpt_datasets": "datasets",
@@ -28,9 +40,10 @@ _LAZY = {
 }
 
 __all__ = [
-    "DataError", "EOD_TOKEN", "IndexInfo", "IndexWriter", "PreprocessConfig", "TOKENIZER_TYPES", "TokenizerSpec",
-    "check_indexed_dataset", "default_demo_paths", "inspect_dataset", "merge_datasets", "prepare_demo_data",
-    "preprocess", "run_preprocess", "token_dtype", *sorted(_LAZY),
+    "DataError", "EOD_TOKEN", "IndexInfo", "IndexWriter", "PreprocessConfig", "TOKENIZER_TYPES",
+    "TokenizerSpec", "check_indexed_dataset", "default_demo_paths", "inspect_dataset",
+    "merge_datasets", "prepare_demo_data", "preprocess", "run_preprocess", "token_dtype",
+    *sorted(_LAZY),
 ]
 
 

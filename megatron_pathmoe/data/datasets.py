@@ -30,8 +30,8 @@ def validate_data_prefix(prefix: str, flag: str) -> IndexInfo:
     least one document; raise DataError naming ``flag`` and the file otherwise."""
     info = check_indexed_dataset(prefix, flag)
     if info.documents == 0 or info.token_count == 0:
-        raise DataError(f"{flag} {prefix!r}: the dataset holds no tokens; preprocess a non-empty corpus "
-                        "with tools/preprocess_data.py")
+        raise DataError(f"{flag} {prefix!r}: the dataset holds no tokens; preprocess a "
+                        "non-empty corpus with tools/preprocess_data.py")
     return info
 
 
@@ -124,7 +124,8 @@ def build_gpt_datasets(
     return train, valid
 
 
-def _global_indices(start: int, micro_batch_size: int, dp_rank: int, dp_size: int) -> Iterator[list[int]]:
+def _global_indices(start: int, micro_batch_size: int, dp_rank: int,
+                    dp_size: int) -> Iterator[list[int]]:
     """Global sample ids for this rank, one micro-batch at a time, forever."""
     group = micro_batch_size * dp_size
     first = start + dp_rank * micro_batch_size

@@ -71,8 +71,8 @@ def _decode(record: bytes) -> str:
     try:
         text = record.decode("utf-8")
     except UnicodeDecodeError as err:
-        raise BadRecord("invalid UTF-8", f"invalid UTF-8 at byte {err.start} of the record ({err.reason}); "
-                                         "re-encode the file as UTF-8") from None
+        raise BadRecord("invalid UTF-8", f"invalid UTF-8 at byte {err.start} of the record "
+                                         f"({err.reason}); re-encode the file as UTF-8") from None
     return text[1:] if text.startswith("\ufeff") else text  # a byte-order mark is not text
 
 
@@ -85,37 +85,41 @@ def _json_texts(record: bytes, keys: Sequence[str]) -> list[list[str]] | None:
         obj = json.loads(text)
     except json.JSONDecodeError as err:
         raise BadRecord("malformed JSON", f"malformed JSON ({err.msg} at column {err.colno}); "
-                                          f"{_HINT_JSON}: fix or delete that line (plain text needs "
-                                          "--input-format text-file or text-paragraph)") from None
+                                          f"{_HINT_JSON}: fix or delete that line (plain text "
+                                          "needs --input-format text-file or text-paragraph)"
+                        ) from None
     if not isinstance(obj, dict):
-        raise BadRecord("not a JSON object", f"expected a JSON object, got {type(obj).__name__}; {_HINT_JSON}")
+        raise BadRecord("not a JSON object",
+                        f"expected a JSON object, got {type(obj).__name__}; {_HINT_JSON}")
     out = []
     for key in keys:
         if key not in obj:
             shown = ", ".join(sorted(obj)[:8])
-            raise BadRecord("missing key", f"key {key!r} missing (keys: {shown}); pass the field holding "
-                                           "the text with --json-keys, or fix that line")
+            raise BadRecord("missing key", f"key {key!r} missing (keys: {shown}); pass the field "
+                                           "holding the text with --json-keys, or fix that line")
         value = obj[key]
         if isinstance(value, str):
             out.append([value])
         elif isinstance(value, list) and all(isinstance(v, str) for v in value):
             out.append(value)  # pre-split sentences, as Megatron-LM accepts
         else:
-            raise BadRecord("not a string", f"key {key!r} holds {type(value).__name__}, expected a string "
-                                            "(or a list of sentence strings)")
+            raise BadRecord("not a string", f"key {key!r} holds {type(value).__name__}, expected "
+                                            "a string (or a list of sentence strings)")
     return out
 
 
 def _texts(record: Record, opts: EncodeOptions) -> list[list[str]] | None:
     if isinstance(record, int):
         raise BadRecord("too large", f"document of {record} bytes exceeds --max-document-bytes "
-                                     f"{opts.max_document_bytes}; raise the limit or split the document")
+                                     f"{opts.max_document_bytes}; raise the limit or split the "
+                                     "document")
     if opts.input_format == "jsonl":
         per_key = _json_texts(record, opts.json_keys)
     else:
         per_key = [[_decode(record)]]
     if per_key is not None and opts.split_sentences:
-        per_key = [[s for text in sentences for s in split_sentences(text)] for sentences in per_key]
+        per_key = [[s for text in sentences for s in split_sentences(text)]
+                   for sentences in per_key]
     return per_key
 
 
@@ -130,7 +134,8 @@ def _encode_texts(encoder: TextEncoder, texts: list[str]) -> list[list[int] | Ba
                 out.append(encoder.encode_batch([text])[0])
             except Exception as err:
                 reason = " ".join(str(err).split()) or type(err).__name__
-                out.append(BadRecord("untokenizable", f"the tokenizer failed on this text ({reason})"))
+                out.append(BadRecord("untokenizable",
+                                     f"the tokenizer failed on this text ({reason})"))
         return out
 
 
@@ -151,7 +156,8 @@ def encode_block(block: Block, opts: EncodeOptions, encoder: TextEncoder) -> Enc
         for sentences, key_docs in zip(texts, per_key):
             key_docs.append(sentences)
     encoded = [_encode_docs(encoder, docs) for docs in per_key]
-    failed = sorted({j for docs in encoded for j, doc in enumerate(docs) if isinstance(doc, BadRecord)})
+    failed = sorted({j for docs in encoded for j, doc in enumerate(docs)
+                     if isinstance(doc, BadRecord)})
     for j in failed:
         err = next(doc[j] for doc in encoded if isinstance(doc[j], BadRecord))
         bad.append((kept[j], err.kind, str(err)))
@@ -174,7 +180,8 @@ def _encode_docs(encoder: TextEncoder, docs: list[list[str]]) -> list[list[list[
     return out
 
 
-def _pack(docs: list, kept: list[int], skip: set[int], eod: int | None, dtype: np.dtype) -> KeyTokens:
+def _pack(docs: list, kept: list[int], skip: set[int], eod: int | None,
+          dtype: np.dtype) -> KeyTokens:
     tokens: list[int] = []
     lengths: list[int] = []
     seqs: list[int] = []

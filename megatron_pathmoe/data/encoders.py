@@ -65,13 +65,15 @@ class TokenizerSpec:
 
     def load(self) -> TextEncoder:
         if self.tokenizer_type == HF_TYPE:
-            return HFEncoder.from_tokenizer_json(self._file("--tokenizer-model", self.tokenizer_model), self.eod)
+            return HFEncoder.from_tokenizer_json(
+                self._file("--tokenizer-model", self.tokenizer_model), self.eod)
         if self.tokenizer_type == GPT2_TYPE:
             vocab = self._file("--vocab-file", self.vocab_file)
             merges = self._file("--merge-file", self.merge_file)
             return HFEncoder.from_gpt2_files(vocab, merges, self.eod)
         if self.tokenizer_type in SPM_TYPES:
-            return SentencePieceEncoder(self._file("--tokenizer-model", self.tokenizer_model), self.eod)
+            return SentencePieceEncoder(self._file("--tokenizer-model", self.tokenizer_model),
+                                        self.eod)
         raise DataError(
             f"--tokenizer-type {self.tokenizer_type!r} is not supported; choose one of "
             f"{', '.join(TOKENIZER_TYPES)}"
@@ -86,7 +88,8 @@ class TokenizerSpec:
             inner = os.path.join(path, "tokenizer.json")
             if self.tokenizer_type == HF_TYPE and os.path.isfile(inner):
                 return inner
-            raise tokenizer_file_error(flag, path, "is a directory, expected the tokenizer file itself")
+            raise tokenizer_file_error(flag, path,
+                                       "is a directory, expected the tokenizer file itself")
         return path
 
 
@@ -94,19 +97,22 @@ def add_tokenizer_arguments(group) -> None:
     """The Megatron-LM tokenizer flags, on an argparse parser or argument group."""
     group.add_argument("--tokenizer-type", default=HF_TYPE,
                        help=f"one of {', '.join(TOKENIZER_TYPES)} (default: {HF_TYPE})")
-    group.add_argument("--tokenizer-model", help="tokenizer.json (or its folder), or SentencePiece .model")
+    group.add_argument("--tokenizer-model",
+                       help="tokenizer.json (or its folder), or SentencePiece .model")
     group.add_argument("--vocab-file", help="GPT-2 vocab.json (GPT2BPETokenizer)")
     group.add_argument("--merge-file", help="GPT-2 merges.txt (GPT2BPETokenizer)")
-    group.add_argument("--eod-token", help="end-of-document token or id (default: <|endoftext|>, </s>, "
-                                           "<|end_of_text|>, <eos>; the SentencePiece eos)")
+    group.add_argument("--eod-token", help="end-of-document token or id (default: <|endoftext|>, "
+                                           "</s>, <|end_of_text|>, <eos>; the SentencePiece eos)")
 
 
 def spec_from_arguments(args) -> TokenizerSpec | None:
-    """The ``TokenizerSpec`` the flags of ``add_tokenizer_arguments`` name; None when no file is given."""
+    """The ``TokenizerSpec`` the flags of ``add_tokenizer_arguments`` name; None when no file is
+    given."""
     if not (args.tokenizer_model or args.vocab_file or args.merge_file):
         return None
     eod = int(args.eod_token) if args.eod_token and args.eod_token.isdigit() else args.eod_token
-    return TokenizerSpec(args.tokenizer_type, args.tokenizer_model, args.vocab_file, args.merge_file, eod)
+    return TokenizerSpec(args.tokenizer_type, args.tokenizer_model, args.vocab_file,
+                         args.merge_file, eod)
 
 
 def tokenizer_file_error(flag: str, path: str, reason: str) -> DataError:
@@ -129,7 +135,8 @@ class HFEncoder:
         self.name = name
         self.vocab_size = tokenizer.get_vocab_size(with_added_tokens=True)
         if not 0 <= eod < self.vocab_size:
-            raise DataError(f"EOD id {eod} is outside the vocabulary of tokenizer {name!r} (from {flag})")
+            raise DataError(f"EOD id {eod} is outside the vocabulary of tokenizer {name!r} "
+                            f"(from {flag})")
         self.eod = eod
         # No offsets: ~1.4x faster than encode_batch (tokenizers >= 0.20), same ids.
         self._encode = getattr(tokenizer, "encode_batch_fast", tokenizer.encode_batch)
@@ -141,11 +148,13 @@ class HFEncoder:
         try:
             tok = Tokenizer.from_file(path)
         except Exception as err:  # tokenizers raises a bare Exception for every parse failure
-            raise tokenizer_file_error("--tokenizer-model", path, f"not a valid tokenizer file ({_one_line(err)})") from err
+            raise tokenizer_file_error("--tokenizer-model", path,
+                                       f"not a valid tokenizer file ({_one_line(err)})") from err
         return cls(tok, path, _eod_id(tok.token_to_id, path, eod, "--tokenizer-model"))
 
     @classmethod
-    def from_gpt2_files(cls, vocab_file: str, merge_file: str, eod: str | int | None = None) -> "HFEncoder":
+    def from_gpt2_files(cls, vocab_file: str, merge_file: str,
+                        eod: str | int | None = None) -> "HFEncoder":
         from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
         try:
@@ -157,8 +166,8 @@ class HFEncoder:
         # ByteLevel's regex is GPT-2's split pattern; no added tokens, so none is matched.
         tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
         tok.decoder = decoders.ByteLevel()
-        return cls(tok, vocab_file, _eod_id(tok.token_to_id, vocab_file, eod or EOD_TOKEN, "--vocab-file"),
-                   flag="--vocab-file")
+        eod_id = _eod_id(tok.token_to_id, vocab_file, eod or EOD_TOKEN, "--vocab-file")
+        return cls(tok, vocab_file, eod_id, flag="--vocab-file")
 
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
         return [enc.ids for enc in self._encode(list(texts))]
@@ -180,8 +189,9 @@ def _eod_id(token_to_id, path: str, eod: str | int | None, flag: str) -> int:
         if eod_id is not None:
             return eod_id
     raise DataError(
-        f"tokenizer {path!r} (from {flag}) has no end-of-document token (tried {', '.join(names)}); "
-        "add one as a special token when training the tokenizer, or name it with --eod-token"
+        f"tokenizer {path!r} (from {flag}) has no end-of-document token (tried "
+        f"{', '.join(names)}); add one as a special token when training the tokenizer, or name "
+        "it with --eod-token"
     )
 
 
@@ -214,7 +224,8 @@ class SentencePieceEncoder:
             piece = eod
             eod = self._sp.piece_to_id(piece)
             if self._sp.id_to_piece(eod) != piece:
-                raise DataError(f"SentencePiece model {path!r} has no piece {piece!r} (from --eod-token)")
+                raise DataError(f"SentencePiece model {path!r} has no piece {piece!r} (from "
+                                "--eod-token)")
         if not 0 <= eod < self.vocab_size:
             raise DataError(f"EOD id {eod} is outside the vocabulary of tokenizer {path!r}")
         self.eod = int(eod)

@@ -74,7 +74,8 @@ class IndexWriter:
         self._lengths = tempfile.TemporaryFile(dir=scratch_dir)
         self._doc_ends = tempfile.TemporaryFile(dir=scratch_dir)
 
-    def add_documents(self, tokens: np.ndarray, seq_lengths: np.ndarray, seqs_per_doc: np.ndarray) -> None:
+    def add_documents(self, tokens: np.ndarray, seq_lengths: np.ndarray,
+                      seqs_per_doc: np.ndarray) -> None:
         """Append documents: their concatenated ``tokens``, the length of every sequence, and how
         many sequences each document has (1 per document unless sentences were split)."""
         tokens = np.ascontiguousarray(tokens, dtype=self.dtype)
@@ -94,8 +95,9 @@ class IndexWriter:
         """``add_dataset`` for a pair under any names (e.g. the temporaries of a partition)."""
         info = check_indexed_files(bin_file, idx_file)
         if info.dtype != self.dtype:
-            raise DataError(f"{idx_file}: token dtype {info.dtype.name} differs from {self.dtype.name} of the "
-                            "datasets before it; merge only datasets made with the same tokenizer")
+            raise DataError(f"{idx_file}: token dtype {info.dtype.name} differs from "
+                            f"{self.dtype.name} of the datasets before it; merge only datasets "
+                            "made with the same tokenizer")
         index = np.memmap(idx_file, mode="r")
         for lengths in _windows(index, np.int32, info.lengths_offset, info.sequence_count):
             self._lengths.write(lengths.tobytes())
@@ -113,7 +115,8 @@ class IndexWriter:
         self._bin.close()
         with open(self.idx_file, "wb") as out:
             code = CODES[self.dtype]
-            out.write(HEADER.pack(INDEX_MAGIC, INDEX_VERSION, code, self.sequences, self.documents + 1))
+            out.write(HEADER.pack(INDEX_MAGIC, INDEX_VERSION, code, self.sequences,
+                                  self.documents + 1))
             self._lengths.seek(0)
             _copy_stream(self._lengths, out)
             self._write_pointers(out)
@@ -141,7 +144,8 @@ def _windows(buffer: np.ndarray, dtype: type, offset: int, count: int) -> Iterat
     itemsize = np.dtype(dtype).itemsize
     for start in range(0, count, WINDOW):
         n = min(WINDOW, count - start)
-        yield np.frombuffer(buffer, dtype=np.dtype(dtype).newbyteorder("<"), count=n, offset=offset + start * itemsize)
+        yield np.frombuffer(buffer, dtype=np.dtype(dtype).newbyteorder("<"), count=n,
+                            offset=offset + start * itemsize)
 
 
 @dataclass(frozen=True)
@@ -206,8 +210,9 @@ def check_indexed_dataset(prefix: str, flag: str | None = None) -> IndexInfo:
     lead = f"{flag} {prefix!r}" if flag else repr(prefix)
     for path in (bin_path(prefix), idx_path(prefix)):
         if not os.path.isfile(path):
-            raise DataError(f"{lead}: missing {path}{hint}; create the dataset with tools/preprocess_data.py "
-                            "(it writes {output-prefix}_text_document.bin/.idx)")
+            raise DataError(f"{lead}: missing {path}{hint}; create the dataset with "
+                            "tools/preprocess_data.py (it writes "
+                            "{output-prefix}_text_document.bin/.idx)")
     return check_indexed_files(bin_path(prefix), idx_path(prefix), _Checker(flag, prefix))
 
 
@@ -217,8 +222,9 @@ def check_indexed_files(bin_file: str, idx_file: str, check: _Checker | None = N
     info = _read_header(check, idx_file, bin_file)
     info = replace(info, token_count=_check_arrays(check, info))
     if info.bin_bytes != info.token_count * info.dtype.itemsize:
-        raise check.fail(bin_file, f"{info.bin_bytes} bytes, but the index describes {info.token_count} "
-                                   f"{info.dtype.name} tokens = {info.token_count * info.dtype.itemsize} bytes")
+        raise check.fail(bin_file, f"{info.bin_bytes} bytes, but the index describes "
+                                   f"{info.token_count} {info.dtype.name} tokens = "
+                                   f"{info.token_count * info.dtype.itemsize} bytes")
     return info
 
 
@@ -255,11 +261,13 @@ def _check_arrays(check: _Checker, info: IndexInfo) -> int:
         if (lens < 0).any():
             bad = start + int(np.argmax(lens < 0))
             raise check.fail(idx, f"sequence {bad} has negative length {int(lens[bad - start])}")
-        want = expected_ptr + np.concatenate([[0], np.cumsum(lens[:-1].astype(np.int64) * itemsize)])
+        want = expected_ptr + np.concatenate([[0],
+                                              np.cumsum(lens[:-1].astype(np.int64) * itemsize)])
         if not np.array_equal(ptrs, want):
             bad = int(np.argmax(ptrs != want))
-            raise check.fail(idx, f"pointer of sequence {start + bad} is {int(ptrs[bad])}, expected "
-                                  f"{int(want[bad])} (previous pointer + length x {itemsize} bytes)")
+            raise check.fail(idx, f"pointer of sequence {start + bad} is {int(ptrs[bad])}, "
+                                  f"expected {int(want[bad])} (previous pointer + length x "
+                                  f"{itemsize} bytes)")
         expected_ptr = int(want[-1]) + int(lens[-1]) * itemsize
     previous = 0
     doc_windows = _windows(index, np.int64, info.doc_idx_offset, info.document_count)

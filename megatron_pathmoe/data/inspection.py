@@ -1,4 +1,5 @@
-"""Validate an indexed dataset and describe it: counts, document lengths, token range, first documents.
+"""Validate an indexed dataset and describe it: counts, document lengths, token range, first
+documents.
 
 The engine of ``tools/inspect_data.py``. Everything streams over memory maps in windows, so a
 dataset of any size is inspected in bounded memory.
@@ -12,7 +13,13 @@ import numpy as np
 
 from megatron_pathmoe.data.encoders import TextEncoder, TokenizerSpec
 from megatron_pathmoe.data.errors import DataError
-from megatron_pathmoe.data.indexed import WINDOW, IndexInfo, bin_path, check_indexed_dataset, idx_path
+from megatron_pathmoe.data.indexed import (
+    WINDOW,
+    IndexInfo,
+    bin_path,
+    check_indexed_dataset,
+    idx_path,
+)
 
 SAMPLE_DOCS = 1_000_000  # document lengths kept for the percentiles
 
@@ -58,7 +65,8 @@ def _token_range(info: IndexInfo, eod: int | None) -> tuple[int, int, int]:
 
 
 def _first_documents(info: IndexInfo, index: np.ndarray, count: int) -> list[np.ndarray]:
-    tokens = np.memmap(info.bin_file, dtype=info.dtype.newbyteorder("<"), mode="r") if info.token_count else None
+    tokens = (np.memmap(info.bin_file, dtype=info.dtype.newbyteorder("<"), mode="r")
+              if info.token_count else None)
     pointers = np.frombuffer(index, "<i8", info.sequence_count, info.pointers_offset)
     doc_idx = np.frombuffer(index, "<i8", info.document_count, info.doc_idx_offset)
     docs = []
@@ -69,7 +77,8 @@ def _first_documents(info: IndexInfo, index: np.ndarray, count: int) -> list[np.
     return docs
 
 
-def inspect_dataset(prefix: str, tokenizer: TokenizerSpec | TextEncoder | None = None, documents: int = 1) -> dict:
+def inspect_dataset(prefix: str, tokenizer: TokenizerSpec | TextEncoder | None = None,
+                    documents: int = 1) -> dict:
     """Validate ``prefix.bin/.idx`` (see ``check_indexed_dataset``) and describe it.
 
     With a tokenizer, token ids must be below its vocabulary size, EOD tokens are counted and the
@@ -86,10 +95,12 @@ def inspect_dataset(prefix: str, tokenizer: TokenizerSpec | TextEncoder | None =
     lengths, sample = _document_lengths(info, index)
     if sample.size:
         lengths.update(p50=float(np.percentile(sample, 50)), p90=float(np.percentile(sample, 90)))
-    low, high, eods = _token_range(info, encoder.eod if encoder else None) if info.token_count else (0, 0, 0)
+    low, high, eods = (_token_range(info, encoder.eod if encoder else None)
+                       if info.token_count else (0, 0, 0))
     if encoder is not None and high >= encoder.vocab_size:
-        raise DataError(f"{bin_path(prefix)}: token id {high} is outside the vocabulary ({encoder.vocab_size}) of "
-                        f"tokenizer {encoder.name!r}: the dataset was made with another tokenizer")
+        raise DataError(f"{bin_path(prefix)}: token id {high} is outside the vocabulary "
+                        f"({encoder.vocab_size}) of tokenizer {encoder.name!r}: the dataset was "
+                        "made with another tokenizer")
     first = _first_documents(info, index, documents)
     del index
     report = {
@@ -100,8 +111,8 @@ def inspect_dataset(prefix: str, tokenizer: TokenizerSpec | TextEncoder | None =
         "first_documents": [d.tolist() for d in first],
     }
     if encoder is not None:
-        report.update(tokenizer=encoder.name, vocab_size=encoder.vocab_size, eod=encoder.eod, eod_count=eods,
-                      first_texts=[encoder.decode(d.tolist()) for d in first])
+        report.update(tokenizer=encoder.name, vocab_size=encoder.vocab_size, eod=encoder.eod,
+                      eod_count=eods, first_texts=[encoder.decode(d.tolist()) for d in first])
     return report
 
 
@@ -110,19 +121,25 @@ def format_report(report: dict, max_chars: int = 1000) -> str:
     lengths = report["document_tokens"]
     lines = [
         f"dataset    {report['prefix']}.bin/.idx: valid",
-        f"dtype      {report['dtype']}" + ("  (multimodal: sequence modes present)" if report["multimodal"] else ""),
-        f"documents  {report['documents']:,}  sequences {report['sequences']:,}  tokens {report['tokens']:,}",
+        f"dtype      {report['dtype']}"
+        + ("  (multimodal: sequence modes present)" if report["multimodal"] else ""),
+        f"documents  {report['documents']:,}  sequences {report['sequences']:,}  "
+        f"tokens {report['tokens']:,}",
         f"bytes      .bin {report['bin_bytes']:,}  .idx {report['idx_bytes']:,}",
-        "doc tokens " + "  ".join(f"{k} {v:,.1f}" if isinstance(v, float) else f"{k} {v:,}" for k, v in lengths.items()),
+        "doc tokens " + "  ".join(f"{k} {v:,.1f}" if isinstance(v, float) else f"{k} {v:,}"
+                                  for k, v in lengths.items()),
         f"token ids  {report['min_token_id']} .. {report['max_token_id']}",
     ]
     if "tokenizer" in report:
-        lines.append(f"tokenizer  {report['tokenizer']} (vocab {report['vocab_size']:,}, EOD {report['eod']}: "
-                     f"{report['eod_count']:,} in the data)")
+        lines.append(f"tokenizer  {report['tokenizer']} (vocab {report['vocab_size']:,}, "
+                     f"EOD {report['eod']}: {report['eod_count']:,} in the data)")
         texts: Sequence = report["first_texts"]
     else:
-        texts = [f"(ids; pass the tokenizer to detokenize) {ids[:64]}" for ids in report["first_documents"]]
+        texts = [f"(ids; pass the tokenizer to detokenize) {ids[:64]}"
+                 for ids in report["first_documents"]]
     for i, text in enumerate(texts):
-        shown = text if len(text) <= max_chars else text[:max_chars] + f"... [{len(text) - max_chars:,} more chars]"
-        lines.append(f"--- document {i} ({len(report['first_documents'][i]):,} tokens) ---\n{shown}")
+        shown = text if len(text) <= max_chars \
+            else text[:max_chars] + f"... [{len(text) - max_chars:,} more chars]"
+        tokens = len(report["first_documents"][i])
+        lines.append(f"--- document {i} ({tokens:,} tokens) ---\n{shown}")
     return "\n".join(lines)

@@ -44,7 +44,8 @@ class TempOutputs:
             try:
                 os.makedirs(folder, exist_ok=True)
             except OSError as err:
-                raise self.error(prefix, f"cannot create folder {folder} ({err.strerror})") from None
+                raise self.error(prefix,
+                                 f"cannot create folder {folder} ({err.strerror})") from None
             if not os.access(folder, os.W_OK | os.X_OK):
                 raise self.error(prefix, f"folder {folder} is not writable")
             remove_stale_temporaries(prefix)
@@ -52,7 +53,8 @@ class TempOutputs:
     def error(self, prefix: str, problem: str) -> DataError:
         return DataError(f"{self.flag} {prefix!r}: {problem}; choose a writable location")
 
-    def open_writers(self, files: dict[str, tuple[str, str]], dtype: type[np.number]) -> dict[str, IndexWriter]:
+    def open_writers(self, files: dict[str, tuple[str, str]],
+                     dtype: type[np.number]) -> dict[str, IndexWriter]:
         writers: dict[str, IndexWriter] = {}
         try:
             for key, (bin_file, idx_file) in files.items():
@@ -60,7 +62,8 @@ class TempOutputs:
         except OSError as err:
             for writer in writers.values():
                 writer.close()
-            raise self.error(self.finals[key], f"cannot write {err.filename or bin_file} ({err.strerror})") from None
+            raise self.error(self.finals[key], f"cannot write {err.filename or bin_file} "
+                                               f"({err.strerror})") from None
         return writers
 
     def commit(self) -> None:

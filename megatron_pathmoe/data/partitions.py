@@ -9,7 +9,13 @@ import signal
 from megatron_pathmoe.data.encode import EncodeOptions
 from megatron_pathmoe.data.errors import DataError
 from megatron_pathmoe.data.outputs import TempOutputs, remove_files
-from megatron_pathmoe.data.pipeline import PreprocessConfig, RunStats, die_with_parent, mp_context, write_parts
+from megatron_pathmoe.data.pipeline import (
+    PreprocessConfig,
+    RunStats,
+    die_with_parent,
+    mp_context,
+    write_parts,
+)
 from megatron_pathmoe.data.progress import Progress, SharedProgress
 from megatron_pathmoe.data.readers import Part
 
@@ -18,8 +24,9 @@ def _exit_on_sigterm(signum, frame) -> None:
     raise SystemExit(128 + signum)
 
 
-def _partition_main(index: int, parts: list[Part], cfg: PreprocessConfig, opts: EncodeOptions, workers: int,
-                    files: dict[str, tuple[str, str]], outputs: TempOutputs, dtype, counters, conn) -> None:
+def _partition_main(index: int, parts: list[Part], cfg: PreprocessConfig, opts: EncodeOptions,
+                    workers: int, files: dict[str, tuple[str, str]], outputs: TempOutputs, dtype,
+                    counters, conn) -> None:
     die_with_parent()
     signal.signal(signal.SIGTERM, _exit_on_sigterm)  # so the pool below is shut down too
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles Ctrl-C and stops us
@@ -42,8 +49,8 @@ def _report(conn, message: tuple) -> None:
         pass
 
 
-def run_partitions(groups: list[list[Part]], cfg: PreprocessConfig, opts: EncodeOptions, outputs: TempOutputs,
-                   dtype, progress: Progress) -> RunStats:
+def run_partitions(groups: list[list[Part]], cfg: PreprocessConfig, opts: EncodeOptions,
+                   outputs: TempOutputs, dtype, progress: Progress) -> RunStats:
     """Run one process per group of parts, then merge their outputs in order into ``outputs``."""
     ctx = mp_context()
     counters = ctx.Array("d", 3 * len(groups), lock=False)
@@ -54,7 +61,8 @@ def run_partitions(groups: list[list[Part]], cfg: PreprocessConfig, opts: Encode
         for i, parts in enumerate(groups):
             recv, send = ctx.Pipe(duplex=False)
             proc = ctx.Process(target=_partition_main, name=f"preprocess-partition-{i}",
-                               args=(i, parts, cfg, opts, workers, part_files[i], outputs, dtype, counters, send))
+                               args=(i, parts, cfg, opts, workers, part_files[i], outputs, dtype,
+                                     counters, send))
             proc.start()
             send.close()
             children.append((proc, recv))
@@ -90,8 +98,9 @@ def _collect(children: list, counters, progress: Progress) -> list[RunStats]:
             try:
                 status, payload = recv.recv()
             except EOFError:
-                raise DataError(f"--partitions: partition {i} died (exit code {children[i][0].exitcode}) "
-                                "without a report; rerun with --partitions 1 to see the error") from None
+                raise DataError(f"--partitions: partition {i} died (exit code "
+                                f"{children[i][0].exitcode}) without a report; rerun with "
+                                "--partitions 1 to see the error") from None
             if status == "error":
                 raise DataError(payload)
             results[i] = payload

@@ -27,7 +27,8 @@ from megatron_pathmoe.data.outputs import TempOutputs
 from megatron_pathmoe.data.readers import INPUT_FORMATS, Block, Part, iter_blocks
 
 POLICIES = ("fail", "skip")
-BLOCK_BYTES = 256 << 10  # raw input per worker task: ~0.1-0.5 s of tokenization, many tasks per worker
+# Raw input per worker task: ~0.1-0.5 s of tokenization, many tasks per worker.
+BLOCK_BYTES = 256 << 10
 MAX_DOCUMENT_BYTES = 64 << 20
 SHOWN_BAD_RECORDS = 5  # skipped records printed with file:line; the rest are only counted
 
@@ -73,8 +74,8 @@ class PreprocessConfig:
                 raise DataError(message)
 
     def encode_options(self, dtype: type[np.number]) -> EncodeOptions:
-        return EncodeOptions(self.input_format, tuple(self.json_keys), self.append_eod, self.split_sentences,
-                             np.dtype(dtype).name, self.max_document_bytes)
+        return EncodeOptions(self.input_format, tuple(self.json_keys), self.append_eod,
+                             self.split_sentences, np.dtype(dtype).name, self.max_document_bytes)
 
 
 @dataclass
@@ -113,8 +114,9 @@ def _init_worker(spec: TokenizerSpec, opts: EncodeOptions) -> None:
     global _WORKER
     die_with_parent()
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is handled once, by the main process
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # Pool.terminate(): end quietly, whatever the parent set
-    os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one core per worker: the pool is the parallelism
+    # Pool.terminate(): end quietly, whatever the parent set.
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one core per worker: the pool parallelises
     _WORKER = (spec.load(), opts)
 
 
@@ -129,8 +131,8 @@ def mp_context() -> multiprocessing.context.BaseContext:
     return multiprocessing.get_context(method)
 
 
-def encoded_blocks(blocks: Iterator[Block], opts: EncodeOptions, spec: TokenizerSpec, encoder: TextEncoder,
-                    workers: int) -> Iterator[tuple[Block, EncodedBlock]]:
+def encoded_blocks(blocks: Iterator[Block], opts: EncodeOptions, spec: TokenizerSpec,
+                   encoder: TextEncoder, workers: int) -> Iterator[tuple[Block, EncodedBlock]]:
     if workers <= 1:
         for block in blocks:
             yield block, encode_block(block, opts, encoder)
@@ -151,14 +153,16 @@ def encoded_blocks(blocks: Iterator[Block], opts: EncodeOptions, spec: Tokenizer
 class Sink:
     """Applies the bad-record policy, writes encoded blocks, counts and reports progress."""
 
-    def __init__(self, writers: dict[str, IndexWriter], policy: str, progress, log: TextIO | None) -> None:
+    def __init__(self, writers: dict[str, IndexWriter], policy: str, progress,
+                 log: TextIO | None) -> None:
         self.writers, self.policy, self.progress, self.log = writers, policy, progress, log
         self.stats = RunStats()
 
     def bad(self, where: str, kind: str, message: str) -> None:
         text = f"{where}: {message}"
         if self.policy == "fail":
-            raise DataError(f"{text} [--on-bad-record fail; --on-bad-record skip skips and counts such records]")
+            raise DataError(f"{text} [--on-bad-record fail; --on-bad-record skip skips and counts "
+                            "such records]")
         self.stats.bad[kind] += 1
         if len(self.stats.examples) < SHOWN_BAD_RECORDS:
             self.stats.examples.append(text)
@@ -181,8 +185,9 @@ class Sink:
         self.progress.update(len(first.seqs_per_doc), int(first.tokens.size), block.consumed)
 
 
-def write_parts(parts: Sequence[Part], cfg: PreprocessConfig, opts: EncodeOptions, encoder: TextEncoder,
-                outputs: TempOutputs, files: dict[str, tuple[str, str]], dtype, progress, workers: int) -> RunStats:
+def write_parts(parts: Sequence[Part], cfg: PreprocessConfig, opts: EncodeOptions,
+                encoder: TextEncoder, outputs: TempOutputs, files: dict[str, tuple[str, str]],
+                dtype, progress, workers: int) -> RunStats:
     """One pass over ``parts`` into the index files ``files`` (key -> (bin, idx)), finalized."""
     log = None if cfg.quiet else sys.stderr
     writers = outputs.open_writers(files, dtype)

@@ -28,8 +28,8 @@ from megatron_pathmoe.data.progress import Progress
 from megatron_pathmoe.data.readers import expand_inputs, plan_partitions
 
 __all__ = [
-    "BLOCK_BYTES", "MAX_DOCUMENT_BYTES", "POLICIES", "PreprocessConfig", "merge_datasets", "output_prefix_for",
-    "preprocess", "run_preprocess", "token_dtype",
+    "BLOCK_BYTES", "MAX_DOCUMENT_BYTES", "POLICIES", "PreprocessConfig", "merge_datasets",
+    "output_prefix_for", "preprocess", "run_preprocess", "token_dtype",
 ]
 
 
@@ -62,7 +62,8 @@ def run_preprocess(cfg: PreprocessConfig) -> dict:
     progress = Progress(sum(p.nbytes for g in groups for p in g), log, cfg.log_interval)
     try:
         if len(groups) == 1:
-            stats = write_parts(groups[0], cfg, opts, encoder, outputs, outputs.files, dtype, progress, cfg.workers)
+            stats = write_parts(groups[0], cfg, opts, encoder, outputs, outputs.files, dtype,
+                                progress, cfg.workers)
         else:
             stats = run_partitions(groups, cfg, opts, outputs, dtype, progress)
         _require_documents(cfg, stats)
@@ -90,10 +91,11 @@ def _summary(finals: dict[str, str], stats: RunStats, dtype, elapsed: float, par
     per_key = {}
     for key, prefix in finals.items():
         size = os.path.getsize(bin_path(prefix)) + os.path.getsize(idx_path(prefix))
-        per_key[key] = {"prefix": prefix, "documents": stats.documents[key], "tokens": stats.tokens[key],
-                        "empty_documents": stats.empty[key], "first_empty": stats.first_empty.get(key),
-                        "bytes": size}
-    total = {f: sum(v[f] for v in per_key.values()) for f in ("documents", "empty_documents", "tokens", "bytes")}
+        per_key[key] = {"prefix": prefix, "documents": stats.documents[key],
+                        "tokens": stats.tokens[key], "empty_documents": stats.empty[key],
+                        "first_empty": stats.first_empty.get(key), "bytes": size}
+    total = {f: sum(v[f] for v in per_key.values())
+             for f in ("documents", "empty_documents", "tokens", "bytes")}
     summary = dict(
         total,
         bad_records=dict(stats.bad),
@@ -109,9 +111,10 @@ def _summary(finals: dict[str, str], stats: RunStats, dtype, elapsed: float, par
     if log is not None:
         skipped = sum(stats.bad.values())
         bad = f", {skipped} bad records skipped {dict(stats.bad)}" if skipped else ""
-        print(f"done: {total['documents']:,} documents ({total['empty_documents']:,} empty skipped{bad}), "
-              f"{total['tokens']:,} tokens, {total['bytes']:,} bytes, dtype {summary['dtype']}, "
-              f"{elapsed:.2f} s ({summary['docs_per_s']:,.0f} docs/s, {summary['tokens_per_s']:,.0f} tokens/s) "
+        print(f"done: {total['documents']:,} documents ({total['empty_documents']:,} empty "
+              f"skipped{bad}), {total['tokens']:,} tokens, {total['bytes']:,} bytes, dtype "
+              f"{summary['dtype']}, {elapsed:.2f} s ({summary['docs_per_s']:,.0f} docs/s, "
+              f"{summary['tokens_per_s']:,.0f} tokens/s) "
               f"-> {', '.join(summary['prefixes'].values())}", file=log, flush=True)
     return summary
 
@@ -132,10 +135,13 @@ def preprocess(
     ``tokenizer``: a tokenizer.json path or a ``TokenizerSpec``; ``options``: the other
     ``PreprocessConfig`` fields (``input_format``, ``partitions``, ``on_bad_record``, ...).
     """
-    spec = tokenizer if isinstance(tokenizer, TokenizerSpec) else TokenizerSpec(HF_TYPE, os.fspath(tokenizer))
-    inputs = [os.fspath(input_path)] if isinstance(input_path, (str, os.PathLike)) else list(input_path)
-    cfg = PreprocessConfig(inputs, output_prefix, spec, json_keys=tuple(json_keys), append_eod=append_eod,
-                           workers=workers, log_interval=log_interval, quiet=quiet, **options)
+    spec = (tokenizer if isinstance(tokenizer, TokenizerSpec)
+            else TokenizerSpec(HF_TYPE, os.fspath(tokenizer)))
+    inputs = ([os.fspath(input_path)] if isinstance(input_path, (str, os.PathLike))
+              else list(input_path))
+    cfg = PreprocessConfig(inputs, output_prefix, spec, json_keys=tuple(json_keys),
+                           append_eod=append_eod, workers=workers, log_interval=log_interval,
+                           quiet=quiet, **options)
     return run_preprocess(cfg)
 
 
@@ -149,8 +155,9 @@ def merge_datasets(inputs: Sequence[str], output_prefix: str, quiet: bool = Fals
     infos = [check_indexed_dataset(p, "--merge") for p in prefixes]
     dtypes = sorted({i.dtype.name for i in infos})
     if len(dtypes) > 1:
-        raise DataError(f"--merge: the datasets have different token dtypes ({', '.join(dtypes)}): they were "
-                        "made with different tokenizers; merge only datasets of one tokenizer")
+        raise DataError(f"--merge: the datasets have different token dtypes "
+                        f"({', '.join(dtypes)}): they were made with different tokenizers; merge "
+                        "only datasets of one tokenizer")
     start = time.perf_counter()
     outputs = TempOutputs({"merged": output_prefix})
     outputs.prepare()
@@ -170,10 +177,12 @@ def merge_datasets(inputs: Sequence[str], output_prefix: str, quiet: bool = Fals
     out = check_indexed_dataset(output_prefix)
     summary = {"prefix": output_prefix, "inputs": prefixes, "documents": out.documents,
                "sequences": out.sequence_count, "tokens": out.token_count, "dtype": out.dtype.name,
-               "bytes": out.bin_bytes + out.idx_bytes, "elapsed_s": round(time.perf_counter() - start, 3)}
+               "bytes": out.bin_bytes + out.idx_bytes,
+               "elapsed_s": round(time.perf_counter() - start, 3)}
     if not quiet:
-        print(f"merged {len(prefixes)} datasets: {out.documents:,} documents, {out.token_count:,} tokens, "
-              f"dtype {out.dtype.name} -> {output_prefix}.bin/.idx", file=sys.stderr, flush=True)
+        print(f"merged {len(prefixes)} datasets: {out.documents:,} documents, "
+              f"{out.token_count:,} tokens, dtype {out.dtype.name} -> {output_prefix}.bin/.idx",
+              file=sys.stderr, flush=True)
     return summary
 
 

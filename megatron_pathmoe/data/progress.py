@@ -36,9 +36,11 @@ class Progress:
             if time.perf_counter() - self._last_postfix > 0.5:
                 self._last_postfix = time.perf_counter()
                 self.bar.set_postfix_str(self.rates(), refresh=False)
-        elif self.stream is not None and 0 < self.log_interval <= self.docs and self.docs >= self.next_log:
+        elif (self.stream is not None and 0 < self.log_interval <= self.docs
+              and self.docs >= self.next_log):
             self.next_log = (self.docs // self.log_interval + 1) * self.log_interval
-            print(f"processed {self.docs:,} documents ({self.rates()})", file=self.stream, flush=True)
+            print(f"processed {self.docs:,} documents ({self.rates()})", file=self.stream,
+                  flush=True)
 
     def close(self) -> None:
         if self.bar is not None:

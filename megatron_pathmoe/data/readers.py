@@ -109,7 +109,8 @@ def expand_inputs(inputs: Sequence[str]) -> list[str]:
 
 def _splittable(path: str, input_format: str) -> bool:
     # Only jsonl can start a part at any line; paragraphs and whole files cannot be cut.
-    return input_format == "jsonl" and os.path.isfile(path) and not path.endswith(COMPRESSED_SUFFIXES)
+    return (input_format == "jsonl" and os.path.isfile(path)
+            and not path.endswith(COMPRESSED_SUFFIXES))
 
 
 def _next_line_start(path: str, offset: int) -> int:
@@ -136,7 +137,8 @@ def plan_partitions(files: Sequence[str], partitions: int, input_format: str) ->
     target = max(1, total // max(1, partitions))
     parts: list[Part] = []
     for path in files:
-        pieces = -(-_file_size(path) // target) if partitions > 1 and _splittable(path, input_format) else 1
+        splittable = partitions > 1 and _splittable(path, input_format)
+        pieces = -(-_file_size(path) // target) if splittable else 1
         parts.extend(_split_file(path, pieces) if pieces > 1 else [Part(path)])
     groups: list[list[Part]] = [[] for _ in range(partitions)]
     done = 0
@@ -163,7 +165,8 @@ class _Source:
         return delta
 
     def lines(self, limit: int) -> Iterator[Record]:
-        """Lines (with their newline) up to ``limit`` bytes of content; longer ones as their size."""
+        """Lines (with their newline) up to ``limit`` bytes of content; longer ones as their
+        size."""
         readline, end = self.stream.readline, self.part.end
         while end is None or self.stream.tell() < end:
             line = readline(limit + 1)
@@ -213,8 +216,8 @@ def open_part(part: Part) -> Iterator[_Source]:
         try:
             yield _Source(part, raw, _decompressed(part.path, raw))
         except _read_errors() as err:
-            raise DataError(f"--input {part.path!r}: read failed ({err}); is the file truncated or not "
-                            "what its suffix says?") from None
+            raise DataError(f"--input {part.path!r}: read failed ({err}); is the file truncated "
+                            "or not what its suffix says?") from None
 
 
 def _decompressed(path: str, raw: IO[bytes]) -> IO[bytes]:
@@ -226,13 +229,16 @@ def _decompressed(path: str, raw: IO[bytes]) -> IO[bytes]:
         except ImportError:
             raise DataError(f"--input {path!r}: reading .zst needs the zstandard package "
                             "(pip install zstandard)") from None
-        return io.BufferedReader(zstandard.ZstdDecompressor().stream_reader(raw, read_across_frames=True))
+        return io.BufferedReader(
+            zstandard.ZstdDecompressor().stream_reader(raw, read_across_frames=True))
     return raw
 
 
-def iter_blocks(parts: Sequence[Part], input_format: str, block_bytes: int, max_document_bytes: int) -> Iterator[Block]:
+def iter_blocks(parts: Sequence[Part], input_format: str, block_bytes: int,
+                max_document_bytes: int) -> Iterator[Block]:
     """Blocks of records from ``parts`` in input order."""
-    reader = {"jsonl": _line_blocks, "text-paragraph": _paragraph_blocks, "text-file": _file_blocks}[input_format]
+    reader = {"jsonl": _line_blocks, "text-paragraph": _paragraph_blocks,
+              "text-file": _file_blocks}[input_format]
     return reader(parts, block_bytes, max_document_bytes)
 
 

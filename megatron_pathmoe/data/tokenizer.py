@@ -8,7 +8,13 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
-from megatron_pathmoe.data.encoders import EOD_TOKEN, HF_TYPE, TextEncoder, TokenizerSpec, as_int_list
+from megatron_pathmoe.data.encoders import (
+    EOD_TOKEN,
+    HF_TYPE,
+    TextEncoder,
+    TokenizerSpec,
+    as_int_list,
+)
 
 try:  # megatron-core >= 0.14 renamed the dataset-side base class
     from megatron.core.datasets.megatron_tokenizer import MegatronLegacyTokenizer as _MegatronBase
@@ -78,7 +84,8 @@ class PathMoETokenizer(_MegatronBase):
         return f"PathMoETokenizer(path={self.path!r}, vocab_size={self.vocab_size}, eod={self.eod})"
 
 
-def load_tokenizer(path: str | os.PathLike | TokenizerSpec, eod: str | int | None = None) -> PathMoETokenizer:
+def load_tokenizer(path: str | os.PathLike | TokenizerSpec,
+                   eod: str | int | None = None) -> PathMoETokenizer:
     """Load a tokenizer for megatron-core's datasets.
 
     Args:
@@ -90,5 +97,6 @@ def load_tokenizer(path: str | os.PathLike | TokenizerSpec, eod: str | int | Non
     Raises:
         DataError (a ValueError): the file is missing, unreadable, not a tokenizer, or lacks EOD.
     """
-    spec = path if isinstance(path, TokenizerSpec) else TokenizerSpec(HF_TYPE, os.fspath(path), eod=eod)
+    spec = (path if isinstance(path, TokenizerSpec)
+            else TokenizerSpec(HF_TYPE, os.fspath(path), eod=eod))
     return PathMoETokenizer(spec.load())
