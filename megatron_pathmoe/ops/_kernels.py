@@ -8,6 +8,7 @@ are converted to the accumulation type (float32, or float64 for float64 rows).
 from __future__ import annotations
 
 import contextlib
+import functools
 
 import torch
 
@@ -26,6 +27,8 @@ class _Backend:
             why = extension.reason or "it was built without CUDA kernels"
             raise RuntimeError(f"pathmoe permutation kernels are not available on "
                                f"{device.type}: {why}; use --permute-impl megatron or reference")
+        if device.type == "cuda":
+            _check_arch(device.index if device.index is not None else torch.cuda.current_device())
         self.device = device
         self.ops = getattr(extension.module, device.type)
 
@@ -45,6 +48,16 @@ class _Backend:
         caching allocator reuses it only for work ordered after the kernels on this stream."""
         nbytes = getattr(self.ops, query)(*sizes)
         return torch.empty(nbytes, dtype=torch.uint8, device=self.device), nbytes
+
+
+@functools.lru_cache(maxsize=None)
+def _check_arch(index: int) -> None:
+    """Name the GPU's compute capability when the CUDA kernels have no image for it (instead
+    of the launch's "no kernel image is available"); once per GPU."""
+    problem = load_extension().cuda_arch_problem(torch.cuda.get_device_capability(index))
+    if problem:
+        raise RuntimeError(f"pathmoe permutation kernels on cuda:{index}: {problem}; use "
+                           "--permute-impl megatron or reference")
 
 
 def _ptr(tensor: torch.Tensor | None) -> int:

@@ -169,3 +169,17 @@ def test_build_failure_is_reported_not_raised(tmp_path, monkeypatch):
         assert result.module is None and "compiler not found" in result.reason
     finally:
         extension.load_extension.cache_clear()
+
+
+def test_kernels_called_on_a_gpu_without_an_image_name_its_capability(monkeypatch):
+    from megatron_pathmoe.ops import _kernels
+
+    fake = extension.Extension(SimpleNamespace(has_cuda=True, cuda_archs="80;90"))
+    monkeypatch.setattr(_kernels, "load_extension", lambda: fake)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index=None: (7, 5))
+    _kernels._check_arch.cache_clear()
+    try:
+        with pytest.raises(RuntimeError, match="cuda:0: .*compute capability 7.5"):
+            _kernels._Backend(torch.device("cuda", 0))
+    finally:
+        _kernels._check_arch.cache_clear()
