@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import time
 from typing import Any, Iterator
@@ -58,6 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--lr", type=float, default=2e-3)
     g.add_argument("--lr-warmup-iters", type=int, default=15)
     g.add_argument("--log-interval", type=int, default=10)
+    g.add_argument("--eval-iters", type=int, default=8, help="validation batches after training (0: none)")
     g.add_argument("--save", help="DeepSpeed checkpoint directory to write")
     g.add_argument("--save-interval", type=int, default=0, help="0: save at the end only")
     g.add_argument("--load", help="DeepSpeed checkpoint directory to resume from (its latest tag)")
@@ -104,8 +106,8 @@ def deepspeed_config(args: argparse.Namespace, world: int) -> dict[str, Any]:
     return cfg
 
 
-def build_data(args: argparse.Namespace) -> tuple[Any, Any]:
-    """(tokenizer, train dataset) through megatron_pathmoe.data's public helpers."""
+def build_data(args: argparse.Namespace) -> tuple[Any, Any, Any]:
+    """(tokenizer, train dataset, validation dataset) through megatron_pathmoe.data's helpers."""
     from megatron_pathmoe import data
 
     if args.data_path is None:
@@ -119,9 +121,10 @@ def build_data(args: argparse.Namespace) -> tuple[Any, Any]:
     if args.tokenizer_model is None:
         raise ValueError("--tokenizer-model is required with --data-path")
     tokenizer = data.load_tokenizer(args.tokenizer_model)
-    train, _ = data.build_gpt_datasets(args.data_path, args.valid_data_path, tokenizer, args.seq_length,
-                                       args.seed, args.train_iters * args.global_batch_size, 1)
-    return tokenizer, train
+    train, valid = data.build_gpt_datasets(
+        args.data_path, args.valid_data_path, tokenizer, args.seq_length, args.seed,
+        args.train_iters * args.global_batch_size, max(args.eval_iters, 1) * args.global_batch_size)
+    return tokenizer, train, valid
 
 
 def init_engine(args: argparse.Namespace, model: DeepSpeedMoEGPT, world: int):
@@ -133,23 +136,26 @@ def init_engine(args: argparse.Namespace, model: DeepSpeedMoEGPT, world: int):
     return engine
 
 
-def _batches(dataset: Any, args: argparse.Namespace, consumed: int) -> Iterator[dict[str, torch.Tensor]]:
+def _batches(dataset: Any, args: argparse.Namespace, consumed: int = 0) -> Iterator[dict[str, torch.Tensor]]:
     from megatron_pathmoe.data import make_data_iterator
 
     return make_data_iterator(dataset, args.micro_batch_size, dist.get_rank(), dist.get_world_size(),
                               consumed_samples=consumed)
 
 
+def model_inputs(batch: dict[str, torch.Tensor], device: torch.device) -> tuple[torch.Tensor, ...]:
+    return tuple(batch[k].to(device) for k in ("tokens", "labels", "loss_mask"))
+
+
 def train_step(engine: Any, batches: Iterator[dict[str, torch.Tensor]], coeff: float) -> dict[str, Any]:
     """One global batch (all its micro-batches); metrics averaged over micro-batches and ranks."""
-    sums = torch.zeros(2, dtype=torch.float64)
+    sums = torch.zeros(2, dtype=torch.float64, device=engine.device)
     counts = None
     for _ in range(engine.gradient_accumulation_steps()):
-        batch = next(batches)
-        lm_loss, aux_loss, layer_counts = engine(batch["tokens"], batch["labels"], batch["loss_mask"])
+        lm_loss, aux_loss, layer_counts = engine(*model_inputs(next(batches), engine.device))
         engine.backward(lm_loss + coeff * aux_loss)
         engine.step()
-        sums += torch.tensor([lm_loss.item(), aux_loss.item()], dtype=torch.float64)
+        sums += torch.stack([lm_loss.detach(), aux_loss.detach()]).double()
         step_counts = torch.stack([c.double() for c in layer_counts])
         counts = step_counts if counts is None else counts + step_counts
     dist.all_reduce(sums)
@@ -161,26 +167,39 @@ def train_step(engine: Any, batches: Iterator[dict[str, torch.Tensor]], coeff: f
             "expert_load_min": load.min(dim=1).values.tolist()}
 
 
+@torch.no_grad()
+def evaluate(engine: Any, valid: Any, args: argparse.Namespace) -> float:
+    """Mean LM loss over ``--eval-iters`` global batches of the validation set (all ranks)."""
+    engine.eval()
+    batches = _batches(valid, args)
+    total = torch.zeros(1, dtype=torch.float64, device=engine.device)
+    steps = args.eval_iters * engine.gradient_accumulation_steps()
+    for _ in range(steps):
+        total += engine(*model_inputs(next(batches), engine.device))[0].double()
+    dist.all_reduce(total)
+    engine.train()
+    return total.item() / (steps * dist.get_world_size())
+
+
 def _log(it: int, m: dict[str, Any], tokens_per_s: float) -> None:
     loads = " ".join(f"{hi:.2f}/{lo:.2f}" for hi, lo in zip(m["expert_load_max"], m["expert_load_min"]))
     print(f"iteration {it:5d} | lm loss {m['lm_loss']:.6f} | aux loss {m['aux_loss']:.6f} | "
           f"tokens/s {tokens_per_s:.0f} | expert load max/min per layer {loads}", flush=True)
 
 
-def run(args: argparse.Namespace) -> list[dict[str, Any]]:
-    deepspeed = require_deepspeed()
-    deepspeed.init_distributed(dist_backend="gloo" if not torch.cuda.is_available() else "nccl")
-    world = dist.get_world_size()
-    tokenizer, dataset = build_data(args)
-    model = DeepSpeedMoEGPT(model_config(args, tokenizer.vocab_size))
-    engine = init_engine(args, model, world)
-    start, history = 0, []
-    if args.load:
-        _, client = engine.load_checkpoint(args.load)
-        if client is None:
-            raise FileNotFoundError(f"--load {args.load}: no DeepSpeed checkpoint found there")
-        start = client["iteration"]
-        torch.set_rng_state(client["rng_state"])
+def resume(engine: Any, load: str | None) -> int:
+    """Load ``load``'s latest DeepSpeed checkpoint (if given); the iteration it ended."""
+    if not load:
+        return 0
+    _, client = engine.load_checkpoint(load)
+    if client is None:
+        raise FileNotFoundError(f"--load {load}: no DeepSpeed checkpoint found there")
+    torch.set_rng_state(client["rng_state"])
+    return client["iteration"]
+
+
+def train_loop(engine: Any, dataset: Any, args: argparse.Namespace, start: int) -> list[dict[str, Any]]:
+    history = []
     batches = _batches(dataset, args, start * args.global_batch_size)
     for it in range(start + 1, args.train_iters + 1):
         t0 = time.perf_counter()
@@ -197,10 +216,26 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
                                    client_state={"iteration": it, "rng_state": torch.get_rng_state()})
         if it == args.exit_interval:
             break
+    return history
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    """Train (and evaluate); returns what ``--log-json`` writes."""
+    require_deepspeed().init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
+    tokenizer, train, valid = build_data(args)
+    model = DeepSpeedMoEGPT(model_config(args, tokenizer.vocab_size))
+    engine = init_engine(args, model, dist.get_world_size())
+    result: dict[str, Any] = {"history": train_loop(engine, train, args, resume(engine, args.load))}
+    if args.eval_iters:
+        result["valid_loss"] = evaluate(engine, valid, args)
+        if dist.get_rank() == 0:
+            print(f"validation loss {result['valid_loss']:.6f} | perplexity "
+                  f"{math.exp(min(result['valid_loss'], 50)):.1f}", flush=True)
+    result.update(gate_layout(model, engine))
     if args.log_json and dist.get_rank() == 0:
         with open(args.log_json, "w", encoding="utf-8") as f:
-            json.dump({"history": history, **gate_layout(model, engine)}, f)
-    return history
+            json.dump(result, f)
+    return result
 
 
 def gate_layout(model: DeepSpeedMoEGPT, engine: Any) -> dict[str, Any]:
