@@ -15,7 +15,9 @@ import pytest
 from megatron_pathmoe.data import DataError
 from megatron_pathmoe.study.corpus import DocSource, build_corpus, corpus_paths, is_held_out
 from megatron_pathmoe.study.report import METRICS
+from megatron_pathmoe.study.runner import TRACKER_FILE, StudyConfig, train_command
 from megatron_pathmoe.study.trajectory import judge, paired, trend
+from megatron_pathmoe.study.variants import VARIANTS
 from tests.conftest import REPO, run_cli
 
 TOY = ["train_iters=4", "checkpoint_iterations=2,4", "num_layers=4", "hidden_size=32",
@@ -132,3 +134,20 @@ def test_verdict_rule_by_hand():
     wider = {**first, "mean": -10.0}
     assert trend(first, wider) == "gap grows" and trend(wider, first) == "gap shrinks"
     assert trend(first, first) == "gap about constant"
+
+
+def test_unfinished_training_resumes_from_its_newest_checkpoint(tmp_path):
+    cfg = StudyConfig(str(tmp_path), "train", "valid", "tok.json", train_iters=1500,
+                      checkpoint_iterations=(250, 500, 1000, 1500))
+    ckpt = tmp_path / "runs" / "path4_seed1" / "checkpoints"
+
+    def flag(command: list[str], name: str) -> str | None:
+        return command[command.index(name) + 1] if name in command else None
+
+    command = train_command(cfg, VARIANTS["path4"], 1)
+    assert flag(command, "--save-interval") == "250" and flag(command, "--load") is None
+    ckpt.mkdir(parents=True)
+    (ckpt / TRACKER_FILE).write_text("500\n")
+    assert flag(train_command(cfg, VARIANTS["path4"], 1), "--load") == str(ckpt)
+    (ckpt / TRACKER_FILE).write_text("1500\n")  # training finished: nothing to resume
+    assert flag(train_command(cfg, VARIANTS["path4"], 1), "--load") is None
