@@ -87,3 +87,12 @@ def test_only_missing_modules_are_unpacked_onto_the_path(tmp_path, monkeypatch):
     assert runner.env["PYTHONPATH"].split(os.pathsep)[:2] == [str(site), REPO]
     dry = acceptance.Runner(tmp_path / "out", budget=60, dry_run=True)
     assert "wheelhouse ok (2 wheels" in acceptance.install_missing_wheels(dry, house, site)
+
+
+def test_a_stage_past_its_limit_fails_with_its_partial_output_logged(tmp_path):
+    runner = acceptance.Runner(tmp_path, budget=60, dry_run=True)
+    runner.limit = 1
+    code = "import time; print('started', flush=True); time.sleep(30)"
+    with pytest.raises(acceptance.StageFailed, match="timed out after 1 s"):
+        runner.run([sys.executable, "-c", code])
+    assert "started" in (tmp_path / acceptance.LOG).read_text()
