@@ -86,6 +86,7 @@ class WandbSink:
     def __init__(self, cfg: MonitoringConfig, run_config: Mapping[str, Any] | None = None
                  ) -> None:
         wandb = _import_optional("wandb", "--wandb-project")
+        self._teardown = wandb.teardown
         if cfg.wandb_save_dir:
             os.makedirs(cfg.wandb_save_dir, exist_ok=True)
         self.run = wandb.init(project=cfg.wandb_project, name=cfg.wandb_exp_name or None,
@@ -103,3 +104,4 @@ class WandbSink:
 
     def close(self) -> None:
         self.run.finish()
+        self._teardown()  # finish() can return before W&B's service has written the run

@@ -43,9 +43,10 @@ def offline_run(save_dir: str) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     history: list[dict[str, Any]] = []
     for record in records(path):
         kind = record.WhichOneof("record_type")
-        if kind == "run":
+        if kind in ("run", "config"):  # the config comes with the run or as an update
+            updates = record.run.config.update if kind == "run" else record.config.update
             config.update((i.key or "/".join(i.nested_key), json.loads(i.value_json))
-                          for i in record.run.config.update)
+                          for i in updates)
         elif kind == "history":
             row = {i.key or "/".join(i.nested_key): json.loads(i.value_json)
                    for i in record.history.item}
