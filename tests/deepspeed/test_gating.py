@@ -126,3 +126,19 @@ def test_importing_the_integration_does_not_import_deepspeed():
             "assert 'deepspeed' not in sys.modules, 'deepspeed imported at import time'")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-2000:]
+
+
+@pytest.mark.parametrize("flags, words", [
+    (["--path-block-size", "3"], ["--path-block-size 3", "--num-layers 8"]),
+    (["--moe-router-topk", "9"], ["--moe-router-topk 9", "--num-experts 8"]),
+    (["--global-batch-size", "12"], ["--global-batch-size 12", "--micro-batch-size"]),
+])
+def test_trainer_refuses_bad_flags_in_one_line(flags, words):
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-m", "megatron_pathmoe.integrations.deepspeed.train", *flags],
+                          capture_output=True, text=True)
+    assert proc.returncode == 2
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("train.py: error:") and all(w in last for w in words), proc.stderr

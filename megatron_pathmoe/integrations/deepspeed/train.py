@@ -88,12 +88,8 @@ def deepspeed_config(args: argparse.Namespace, world: int) -> dict[str, Any]:
                                 "(examples/deepspeed/ds_config.json is the shipped one)")
     with open(args.deepspeed_config, encoding="utf-8") as f:
         cfg = json.load(f)
-    per_step = args.micro_batch_size * world
-    if args.global_batch_size % per_step:
-        raise ValueError(f"--global-batch-size {args.global_batch_size} must be a multiple of "
-                         f"--micro-batch-size x world size = {per_step}")
     cfg["train_micro_batch_size_per_gpu"] = args.micro_batch_size
-    cfg["gradient_accumulation_steps"] = args.global_batch_size // per_step
+    cfg["gradient_accumulation_steps"] = args.global_batch_size // (args.micro_batch_size * world)
     cfg.pop("train_batch_size", None)
     cfg.setdefault("optimizer", {}).setdefault("params", {})["lr"] = args.lr
     sched = cfg.setdefault("scheduler", {"type": "WarmupDecayLR", "params": {}})["params"]
@@ -254,8 +250,26 @@ def gate_layout(model: DeepSpeedMoEGPT, engine: Any) -> dict[str, Any]:
             "model_numel": sum(p.numel() for p in model.parameters())}
 
 
+def check_args(args: argparse.Namespace) -> None:
+    """The flag errors that need no data or process group (raised as one-line ValueErrors)."""
+    model_config(args, vocab_size=1).check()
+    layers, block = args.num_layers, args.path_block_size
+    if args.routing == "path" and (block < 1 or layers % block):
+        raise ValueError(f"--path-block-size {block} must be a positive divisor of --num-layers {layers}")
+    per_step = args.micro_batch_size * int(os.environ.get("WORLD_SIZE", "1"))
+    if args.global_batch_size % per_step:
+        raise ValueError(f"--global-batch-size {args.global_batch_size} must be a multiple of "
+                         f"--micro-batch-size x world size = {per_step}")
+
+
 def main(argv: list[str] | None = None) -> None:
-    run(build_parser().parse_args(argv))
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        check_args(args)
+    except ValueError as error:
+        parser.error(str(error))
+    run(args)
 
 
 if __name__ == "__main__":
