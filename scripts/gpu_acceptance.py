@@ -366,11 +366,14 @@ def stage_training(runner: Runner, layers: int, iters: int, rounds: int) -> Resu
                    *table, "", *lines, ""])
 
 
+def status(result: Result) -> str:
+    return "skipped" if result.ok is None else "ok" if result.ok else "FAIL"
+
+
 def render(results: list[Result], header: str) -> str:
     lines = [header, "", "| stage | result | seconds | detail |", "|---|---|---:|---|"]
     for r in results:
-        status = "skipped" if r.ok is None else "ok" if r.ok else "FAIL"
-        lines.append(f"| {r.stage} | {status} | {r.seconds:.0f} | {r.detail.replace('|', '/')} |")
+        lines.append(f"| {r.stage} | {status(r)} | {r.seconds:.0f} | {r.detail.replace('|', '/')} |")
     lines.append("")
     for r in results:
         lines += r.sections
@@ -454,7 +457,7 @@ def main(argv: list[str] | None = None) -> int:
         result = (run_stage(runner, name, args) if name in args.stages
                   else Result(name, None, 0, "not in --stages"))
         results.append(result)
-        print(f"gpu_acceptance: {name}: {'ok' if result.ok else result.ok} "
+        print(f"gpu_acceptance: {name}: {status(result)} "
               f"({result.seconds:.0f} s) {result.detail}", flush=True)
         (out / TABLE).write_text(render(results, header))  # partial results survive a kill
     report = render(results, header)
