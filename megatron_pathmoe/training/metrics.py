@@ -132,6 +132,7 @@ class MetricsWindow:
         self.skipped: list[int] = []
         self.aux_means: dict[str, float] = {}  # of the last flushed window
         self.load: torch.Tensor | None = None  # of the last flushed window
+        self.entropy: torch.Tensor | None = None  # of the last flushed window
         self._reset()
 
     def _reset(self) -> None:
@@ -154,22 +155,26 @@ class MetricsWindow:
         self._start += seconds
 
     def flush(self, iteration: int) -> dict[str, float]:
-        """Log the window ending at ``iteration`` and start a new one. Collective."""
+        """Log the window ending at ``iteration``, start a new one and return its scalars,
+        named as ``megatron_pathmoe.monitoring.SCALARS`` (Megatron-LM's TensorBoard tags; aux
+        losses by megatron's tracker names). ``load`` and ``entropy`` keep the window's
+        per-layer expert load and routing entropy. Collective."""
         elapsed = time.perf_counter() - self._start
         self.load = self.tracker.pop_load()
-        entropy = self.tracker.pop_entropy()
+        self.entropy = self.tracker.pop_entropy()
         self.aux_means = {k: v / self._iters for k, v in self._aux_sums.items()}
         result, iters = self._last, self._iters
-        scalars = {"loss": result.loss, "grad_norm": result.grad_norm, "lr": result.lr,
-                   "tokens_per_second": self.tokens_per_iter * iters / elapsed,
-                   "ms_per_iter": 1000 * elapsed / iters, **self.aux_means}
+        scalars = {"lm loss": result.loss, "grad-norm": result.grad_norm,
+                   "learning-rate": result.lr, "skipped-iterations": float(len(self.skipped)),
+                   "tokens-per-second": self.tokens_per_iter * iters / elapsed,
+                   "iteration-time": elapsed / iters, **self.aux_means}
         aux = " ".join(f"{k} {v:.4f}" for k, v in self.aux_means.items()) or "aux loss off"
         log(f"iter {iteration:6d}/{self.train_iters} | loss {result.loss:.4f} | {aux} | "
             f"grad norm {result.grad_norm:.3f} | lr {result.lr:.2e} | "
-            f"{scalars['tokens_per_second']:,.0f} tokens/s | "
-            f"{scalars['ms_per_iter']:.0f} ms/iter{' | skipped' if result.skipped else ''}")
+            f"{scalars['tokens-per-second']:,.0f} tokens/s | "
+            f"{1000 * elapsed / iters:.0f} ms/iter{' | skipped' if result.skipped else ''}")
         log(f"    expert load max/min vs uniform: {format_load(self.load)}")
-        log(f"    routing entropy / ln(E): {format_entropy(entropy, self.num_experts)}")
+        log(f"    routing entropy / ln(E): {format_entropy(self.entropy, self.num_experts)}")
         self._reset()
         return scalars
 
