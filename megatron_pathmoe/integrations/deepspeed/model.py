@@ -32,7 +32,6 @@ class DSModelConfig:
     capacity_factor: float | None = None  # None: drop-free (DeepSpeed drop_tokens=False)
     min_capacity: int = 4
     top2_sampling: bool = False  # DeepSpeed's Gumbel-sampled 2nd expert (its default is on)
-    aux_loss_coeff: float = 0.0
     rope_base: float = 10000.0
     init_std: float = 0.02
     seed: int = 1234

@@ -46,7 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="token dropping at this capacity (DeepSpeed drop_tokens); default: drop-free")
     g.add_argument("--moe-top2-sampling", action="store_true",
                    help="DeepSpeed's Gumbel-sampled 2nd expert for top-2 (default: deterministic top-2)")
-    g.add_argument("--moe-aux-loss-coeff", type=float, default=0.0, help="0 = aux loss off")
+    g.add_argument("--moe-aux-loss-coeff", type=float, default=0.0, help="DeepSpeed's aux loss of every MoE layer, summed, times this (0 = off)")
     g.add_argument("--expert-model-parallel-size", type=int, default=1, help="DeepSpeed ep_size")
     g.add_argument("--seed", type=int, default=1234)
     g = p.add_argument_group("training")
@@ -77,7 +77,6 @@ def model_config(args: argparse.Namespace, vocab_size: int) -> DSModelConfig:
         ep_size=args.expert_model_parallel_size,
         path_block_size=args.path_block_size if args.routing == "path" else 1,
         capacity_factor=args.moe_expert_capacity_factor, top2_sampling=args.moe_top2_sampling,
-        aux_loss_coeff=args.moe_aux_loss_coeff,
         seed=args.seed)
 
 
@@ -114,8 +113,6 @@ def build_data(args: argparse.Namespace) -> tuple[Any, Any, Any]:
         args.data_path = [demo["train_prefix"]]
         args.valid_data_path = args.valid_data_path or [demo["valid_prefix"]]
         args.tokenizer_model = args.tokenizer_model or demo["tokenizer"]
-    if args.tokenizer_model is None:
-        raise ValueError("--tokenizer-model is required with --data-path")
     tokenizer = data.load_tokenizer(args.tokenizer_model)
     train, valid = data.build_gpt_datasets(
         args.data_path, args.valid_data_path, tokenizer, args.seq_length, args.seed,
@@ -253,6 +250,8 @@ def gate_layout(model: DeepSpeedMoEGPT, engine: Any) -> dict[str, Any]:
 def check_args(args: argparse.Namespace) -> None:
     """The flag errors that need no data or process group (raised as one-line ValueErrors)."""
     model_config(args, vocab_size=1).check()
+    if args.data_path and not args.tokenizer_model:
+        raise ValueError("--tokenizer-model is required with --data-path (the tokenizer.json it was built with)")
     layers, block = args.num_layers, args.path_block_size
     if args.routing == "path" and (block < 1 or layers % block):
         raise ValueError(f"--path-block-size {block} must be a positive divisor of --num-layers {layers}")
