@@ -12,6 +12,7 @@ import subprocess
 import sys
 import time
 
+import psutil
 import pytest
 import torch
 
@@ -105,12 +106,13 @@ def test_deepspeed_launcher_gives_the_torchrun_losses(train, demo_data):
 
 
 def kill_after(args: list[str], iteration: int, timeout: float = 600) -> list[str]:
-    """Run torchrun with ``args`` and SIGKILL all its processes once ``iteration`` is logged."""
+    """Run torchrun with ``args`` and SIGKILL it and its workers once ``iteration`` is logged
+    (the workers are looked up as children: torchrun may start them in their own sessions)."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--rdzv-backend=c10d",
            f"--rdzv-endpoint=127.0.0.1:{free_port()}", *args]
     env = dict(os.environ, PYTHONPATH=REPO, OMP_NUM_THREADS="1")
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
-                            cwd=REPO, start_new_session=True)
+                            cwd=REPO)
     lines, deadline = [], time.monotonic() + timeout
     try:
         for line in proc.stdout:
@@ -118,7 +120,13 @@ def kill_after(args: list[str], iteration: int, timeout: float = 600) -> list[st
             if line.startswith(f"iteration {iteration:5d} ") or time.monotonic() > deadline:
                 break
     finally:
-        os.killpg(proc.pid, signal.SIGKILL)
+        procs = [*psutil.Process(proc.pid).children(recursive=True), psutil.Process(proc.pid)]
+        for p in procs:  # workers first, then the agent
+            try:
+                p.send_signal(signal.SIGKILL)
+            except psutil.NoSuchProcess:
+                pass
+        psutil.wait_procs(procs, timeout=60)
         proc.wait()
     assert any(l.startswith(f"iteration {iteration:5d} ") for l in lines), "".join(lines[-40:])
     return lines
@@ -134,6 +142,7 @@ def test_save_kill_resume_is_bitwise_and_gate_stays_tied(train, demo_data):
     with open(os.path.join(ckpt, "latest"), encoding="utf-8") as f:
         assert f.read() == "iter_0000002"
     resumed = train("resume", 2, [*flags, "--load", ckpt])
+    assert not os.path.exists(os.path.join(ckpt, "iter_0000004"))  # the killed job stayed dead
     assert losses(full)[2:] == losses(resumed)  # bitwise
     assert [h["iteration"] for h in resumed["history"]] == [3, 4]
     assert resumed["gate_owner"] == [0, 0, 2, 2]
