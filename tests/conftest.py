@@ -23,18 +23,27 @@ def megatron_world1():
     import torch.distributed as dist
     from megatron.core import parallel_state
 
-    from megatron_pathmoe.platform import enable_cpu_platform
+    from megatron_pathmoe.platform import (
+        cpu_platform_enabled,
+        disable_cpu_platform,
+        enable_cpu_platform,
+    )
 
-    enable_cpu_platform()
+    was_enabled = cpu_platform_enabled()
+    enable_cpu_platform(force=True)  # these tests run on CPU also on a CUDA machine
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0,
                             world_size=1)
-    parallel_state.initialize_model_parallel()
-    from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
+    try:
+        parallel_state.initialize_model_parallel()
+        from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 
-    model_parallel_cuda_manual_seed(1234)
-    yield
-    parallel_state.destroy_model_parallel()
-    dist.destroy_process_group()
+        model_parallel_cuda_manual_seed(1234)
+        yield
+    finally:
+        parallel_state.destroy_model_parallel()
+        dist.destroy_process_group()
+        if not was_enabled:  # leave a platform enabled before us as it was
+            disable_cpu_platform()
 
 
 @pytest.fixture(scope="session")

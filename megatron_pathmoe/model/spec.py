@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from functools import lru_cache
 from typing import Any
 
 from megatron.core.transformer.identity_op import IdentityOp
@@ -13,6 +14,7 @@ from megatron.core.transformer.transformer_block import (
 
 from megatron_pathmoe.config import PathMoEConfig
 from megatron_pathmoe.model.norm import RMSNorm
+from megatron_pathmoe.platform.profiling import RANGE_EXPERT_COMPUTE, profile_range
 from megatron_pathmoe.routing import build_router_builder
 
 
@@ -44,7 +46,21 @@ def moe_layer_spec(config: PathMoEConfig, use_transformer_engine: bool = False) 
         spec.submodules.self_attention.submodules.q_layernorm = IdentityOp
         spec.submodules.self_attention.submodules.k_layernorm = IdentityOp
     spec.submodules.mlp.submodules.router = build_router_builder(config)
+    experts = spec.submodules.mlp.submodules.experts
+    experts.module = _with_expert_range(experts.module)
     return spec
+
+
+@lru_cache(maxsize=None)
+def _with_expert_range(experts_class: type) -> type:
+    """megatron's experts module (SequentialMLP, TEGroupedMLP) with its calls marked as the
+    expert-compute profiler range; state dicts and checkpoints are the parent class's."""
+    def __call__(self, *args: Any, **kwargs: Any):
+        with profile_range(RANGE_EXPERT_COMPUTE):
+            return experts_class.__call__(self, *args, **kwargs)
+
+    return type(experts_class.__name__, (experts_class,), {"__call__": __call__,
+                                                           "__module__": __name__})
 
 
 def decoder_block_spec(config: PathMoEConfig, transformer_config: Any,

@@ -4,29 +4,26 @@ The trainer calls ``StepProfiler.step(iteration)`` at the start of every iterati
 runs over iterations [--profile-step-start, --profile-step-end) on the --profile-ranks and
 writes one Chrome-format trace (chrome://tracing, https://ui.perfetto.dev) per rank. Code
 that routes, permutes, runs experts or all-reduces tied routers wraps itself in
-``profile_range(RANGE_...)`` so these phases show up by name (a no-op cost when not
-profiling: ``record_function`` only records under an active profiler).
+``profile_range(RANGE_...)`` so these phases show up by name (a shared no-op
+context when no profiler is active; the names live in ``platform.profiling`` so the model
+core can use them).
 """
 
 from __future__ import annotations
 
 import os
-from contextlib import AbstractContextManager
 
 import torch
 
 from megatron_pathmoe.monitoring.arguments import MonitoringConfig
-
-RANGE_ROUTING = "pathmoe/routing"            # router logits, top-k, aux losses
-RANGE_PERMUTATION = "pathmoe/permutation"    # token permute / unpermute around the experts
-RANGE_EXPERT_COMPUTE = "pathmoe/expert_compute"  # the experts' SwiGLU MLPs
-RANGE_TIE_ALLREDUCE = "pathmoe/tie_allreduce"    # gradient all-reduce of tied routers
-RANGES = (RANGE_ROUTING, RANGE_PERMUTATION, RANGE_EXPERT_COMPUTE, RANGE_TIE_ALLREDUCE)
-
-
-def profile_range(name: str) -> AbstractContextManager:
-    """A named range in the profiler trace (use the RANGE_* names)."""
-    return torch.profiler.record_function(name)
+from megatron_pathmoe.platform.profiling import (  # noqa: F401 (re-exported)
+    RANGE_EXPERT_COMPUTE,
+    RANGE_PERMUTATION,
+    RANGE_ROUTING,
+    RANGE_TIE_ALLREDUCE,
+    RANGES,
+    profile_range,
+)
 
 
 class StepProfiler:

@@ -22,6 +22,7 @@ import torch
 
 from megatron_pathmoe.ops import permutation, reference, selfcheck
 from megatron_pathmoe.ops.extension import load_extension
+from megatron_pathmoe.platform.profiling import RANGE_PERMUTATION, profile_range
 
 logger = logging.getLogger(__name__)
 
@@ -88,7 +89,8 @@ def checked_permute(tokens, routing_map, probs=None, num_out_tokens=None, fused=
     """permutation.permute after the self-check of its device/dtype/mode (same signature)."""
     use = permutation if fused or _checked(tokens, drop_and_pad and num_out_tokens is not None) \
         else _module(_fallback_impl())
-    return use.permute(tokens, routing_map, probs, num_out_tokens, fused, drop_and_pad)
+    with profile_range(RANGE_PERMUTATION):
+        return use.permute(tokens, routing_map, probs, num_out_tokens, fused, drop_and_pad)
 
 
 def checked_unpermute(permuted_tokens, sorted_indices, restore_shape, probs=None,
@@ -96,8 +98,9 @@ def checked_unpermute(permuted_tokens, sorted_indices, restore_shape, probs=None
     """permutation.unpermute after the self-check of its device/dtype/mode (same signature)."""
     use = permutation if fused or _checked(permuted_tokens, drop_and_pad) \
         else _module(_fallback_impl())
-    return use.unpermute(permuted_tokens, sorted_indices, restore_shape, probs, routing_map,
-                         fused, drop_and_pad)
+    with profile_range(RANGE_PERMUTATION):
+        return use.unpermute(permuted_tokens, sorted_indices, restore_shape, probs,
+                             routing_map, fused, drop_and_pad)
 
 
 def _module(impl: str):

@@ -28,6 +28,7 @@ from typing import Any, Callable, Iterable
 import torch
 import torch.distributed as dist
 
+from megatron_pathmoe.platform.profiling import RANGE_TIE_ALLREDUCE, profile_range
 from megatron_pathmoe.routing import tied_router_parameters, unwrap_model
 
 TIE_ATTR = "pathmoe_tie"
@@ -109,11 +110,12 @@ class RouterTies:
     @torch.no_grad()
     def allreduce_grads(self) -> None:
         """Sum the gradients of all copies of each tie (call after the data-parallel sync)."""
-        for tie in self._multi_copy():
-            grads = [_main_grad(p) for p in tie.copies]
-            if any(g is None for g in grads):
-                raise RuntimeError(f"router tie {tie.key!r} has a copy without a gradient")
-            self._sum_into_copies(tie, grads)
+        with profile_range(RANGE_TIE_ALLREDUCE):
+            for tie in self._multi_copy():
+                grads = [_main_grad(p) for p in tie.copies]
+                if any(g is None for g in grads):
+                    raise RuntimeError(f"router tie {tie.key!r} has a copy without a gradient")
+                self._sum_into_copies(tie, grads)
 
     def finalize_model_grads_func(self, finalize: Callable | None = None) -> Callable:
         """megatron's ``finalize_model_grads`` (DP reduce, SP/TP norms, embeddings) followed by

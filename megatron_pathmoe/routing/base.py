@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from megatron.core.transformer.moe.router import TopKRouter
 
 from megatron_pathmoe.config import PathMoEConfig
+from megatron_pathmoe.platform.profiling import RANGE_ROUTING, profile_range
 from megatron_pathmoe.routing.hooks import unwrap_model
 from megatron_pathmoe.routing.restriction import PathRestriction
 
@@ -167,6 +168,11 @@ class PathMoERouter(TopKRouter):
 
     def tie_parameters(self) -> None:
         """Share parameters with other layers' routers (none for independent routers)."""
+
+    def __call__(self, *args: Any, **kwargs: Any):
+        # Around the whole call, so variants that override forward() are covered too.
+        with profile_range(RANGE_ROUTING):
+            return super().__call__(*args, **kwargs)
 
     def routing(self, logits: torch.Tensor, padding_mask: torch.Tensor | None = None):
         if self.training:

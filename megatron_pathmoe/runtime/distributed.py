@@ -23,7 +23,11 @@ def initialize_distributed(layout: PathMoEConfig, device: str = "auto", *,
                            timeout_minutes: int = DEFAULT_TIMEOUT_MINUTES) -> str:
     """Process group (nccl on GPU, gloo on CPU), megatron parallel state for ``layout``'s
     parallel sizes (nothing else of it is read), RNG streams. Resolves ``device`` (``auto``;
-    ``cpu`` enables the CPU platform) and returns it."""
+    ``cpu`` enables the CPU platform) and returns it. Refuses an unsupported megatron-core
+    first (one line naming version and location) rather than failing deep inside it."""
+    from megatron_pathmoe.platform.gpu import check_megatron_core
+
+    check_megatron_core()
     from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 
     device = resolve_device(device)

@@ -17,6 +17,7 @@ from megatron_pathmoe.config import (
     ConfigError,
     PathMoEConfig,
 )
+from megatron_pathmoe.monitoring import MonitoringConfig, add_monitoring_args
 from megatron_pathmoe.ops import PERMUTE_IMPLS
 from megatron_pathmoe.platform import DEVICE_CHOICES
 from megatron_pathmoe.runtime import OneLineErrorParser
@@ -48,7 +49,7 @@ class TrainingConfig:
     tokenizer_model: str = ""
     data_cache_path: str | None = None
     device: str = "auto"
-    transformer_impl: str = "local"
+    transformer_impl: str | None = None  # None: platform.gpu.default_transformer_impl(device)
     summary_json: str | None = None
     distributed_timeout_minutes: int = 10
     permute_impl: str = "auto"
@@ -60,6 +61,7 @@ class TrainingConfig:
     max_skipped_steps: int = 10
     dry_run: bool = False
     dry_run_world_size: int | None = None  # --dry-run: the world size to check the layout for
+    monitoring: MonitoringConfig = field(default_factory=MonitoringConfig)
 
     def data_parallel_size(self, model: PathMoEConfig, world_size: int) -> int:
         return world_size // (model.tensor_model_parallel_size * model.pipeline_model_parallel_size)
@@ -85,6 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
     _data_flags(parser, train)
     _runtime_flags(parser, train)
     _checkpointing_flags(parser, train)
+    add_monitoring_args(parser)  # Megatron-LM's logging groups
     return parser
 
 
@@ -222,7 +225,9 @@ def _runtime_flags(parser: argparse.ArgumentParser, t: TrainingConfig) -> None:
     g.add_argument("--device", choices=DEVICE_CHOICES, default="auto",
                    help="cpu runs megatron-core over gloo (auto: cpu when CUDA is absent)")
     g.add_argument("--transformer-impl", choices=("local", "transformer_engine"),
-                   default="local")
+                   default=None,
+                   help="default: transformer_engine when training on CUDA and it imports, "
+                        "else local (as Megatron-LM)")
     g.add_argument("--summary-json", default=None, help="write the run summary here")
     g.add_argument("--distributed-timeout-minutes", type=int,
                    default=t.distributed_timeout_minutes,
@@ -281,6 +286,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[PathMoEConfig, TrainingCo
         parser.error(f"the following arguments are required: {', '.join(missing)}")
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     try:
+        _resolve_defaults(ns, train)
         if ns.dry_run:
             world_size = ns.dry_run_world_size or world_size
             model = _dry_run_vocab(model, ns.tokenizer_model, ns.dry_run_vocab_size)
@@ -289,6 +295,15 @@ def parse_args(argv: list[str] | None = None) -> tuple[PathMoEConfig, TrainingCo
         parser.error(str(err))
     train.dry_run_world_size = world_size if ns.dry_run else None
     return model, train
+
+
+def _resolve_defaults(ns: argparse.Namespace, train: TrainingConfig) -> None:
+    """Defaults that depend on the machine, and the monitoring flags."""
+    from megatron_pathmoe.platform.gpu import default_transformer_impl
+
+    if train.transformer_impl is None:
+        train.transformer_impl = default_transformer_impl(train.device)
+    train.monitoring = MonitoringConfig.from_args(ns)
 
 
 def _dry_run_vocab(model: PathMoEConfig, tokenizer_model: str,

@@ -32,11 +32,14 @@ class RunSummary:
     skipped_iterations: list[int] = field(default_factory=list)
     world_size: int = 1
     peak_memory_gib: float | None = None  # max over ranks; see metrics.peak_memory_gib
+    # ops.permute_impl_report(): requested/installed permutation, fallback, self-checks
+    permute_impl: dict = field(default_factory=dict)
 
 
 def build_summary(window: MetricsWindow, run: dict, valid_loss: float) -> RunSummary:
     """``run``: the fields the window does not know (routing, path_block_size, iterations,
-    parameters, start_iteration, consumed_samples, world_size, peak_memory_gib)."""
+    parameters, start_iteration, consumed_samples, world_size, peak_memory_gib,
+    permute_impl)."""
     step = window.steady_step_seconds()
     load = window.load
     return RunSummary(

@@ -3,7 +3,8 @@ forward-backward schedules, megatron DDP, ``get_megatron_optimizer``, ``finalize
 ``OptimizerParamScheduler``) and split like torchtitan's ``Trainer``: :meth:`Trainer.setup`,
 :meth:`Trainer.train_step`, :meth:`Trainer.evaluate`, :meth:`Trainer.train`. Every scalar
 goes through the :class:`~megatron_pathmoe.training.metrics.MetricsWindow`, and the run
-summary is built from it."""
+summary is built from it; :class:`~megatron_pathmoe.training.watch.RunWatch` writes its
+flushes and the validations to metrics.jsonl / TensorBoard / W&B and runs the profiler."""
 
 from __future__ import annotations
 
@@ -27,6 +28,7 @@ from megatron_pathmoe.training.summary import (
     log_summary,
     write_summary,
 )
+from megatron_pathmoe.training.watch import RunWatch
 
 
 class Trainer:
@@ -49,6 +51,7 @@ class Trainer:
             cfg, train, self.device)
         self.parameters = self._log_setup()
         self._resume()
+        self.watch = RunWatch(cfg, train, self.device, self.start_iteration)
         self.train_iter, self.valid_iter = build_data_iterators(
             cfg, train, consumed_samples=self.consumed_samples)
         self.window = MetricsWindow(self.chunks, cfg, train.train_iters,
@@ -101,6 +104,7 @@ class Trainer:
 
     def train_step(self, iteration: int) -> StepResult:
         """One global batch (faults injected first, the non-finite guard before the update)."""
+        self.watch.before_step(iteration)
         injected = self.faults.before_step(iteration, self.chunks)
         t0 = time.perf_counter()
         result = train_step(self.chunks, self.optimizer, self.scheduler, self.train_iter,
@@ -121,10 +125,13 @@ class Trainer:
         """``--train-iters`` iterations with periodic logs, validation and saves; then the
         final validation and the run summary (written to ``--summary-json``)."""
         last = self.train_cfg.train_iters
-        for iteration in range(self.start_iteration + 1, last + 1):
-            self.train_step(iteration)
-            self._after_step(iteration, last)
-        valid_loss = self.evaluate()
+        try:
+            for iteration in range(self.start_iteration + 1, last + 1):
+                self.train_step(iteration)
+                self._after_step(iteration, last)
+            valid_loss = self._validate(last)
+        finally:  # also on an error: the stream and events so far stay readable
+            self.watch.close()
         self.window.close()
         self.guard.remove()
         summary = self.summary(valid_loss)
@@ -136,13 +143,24 @@ class Trainer:
     def _after_step(self, iteration: int, last: int) -> None:
         train = self.train_cfg
         if iteration % train.log_interval == 0 or iteration == last:
-            self.window.flush(iteration)
+            self._log_interval(iteration)
         if train.eval_interval and iteration % train.eval_interval == 0 and iteration != last:
-            val = self.evaluate()
+            val = self._validate(iteration)
             log(f"validation at iter {iteration}: loss {val:.4f} ppl {math.exp(val):.2f}")
         if train.save and (iteration == last or (
                 train.save_interval and iteration % train.save_interval == 0)):
             self.window.exclude(self.save(iteration))  # out of the next window's tokens/s
+
+    def _log_interval(self, iteration: int) -> None:
+        scalars = self.window.flush(iteration)
+        scalars["loss-scale"] = float(self.optimizer.get_loss_scale())
+        self.watch.interval(iteration, scalars, consumed_samples=self.consumed_samples,
+                            load=self.window.load, entropy=self.window.entropy)
+
+    def _validate(self, iteration: int) -> float:
+        val = self.evaluate()
+        self.watch.validation(iteration, val, self.consumed_samples)
+        return val
 
     def save(self, iteration: int) -> float:
         """Save a checkpoint (collective); returns the seconds it took."""
@@ -163,12 +181,15 @@ class Trainer:
 
     def summary(self, valid_loss: float) -> RunSummary:
         """The run summary from the metrics window (collective: peak memory)."""
+        from megatron_pathmoe.ops import permute_impl_report
+
         run = {"routing": self.model_cfg.routing,
                "path_block_size": self.model_cfg.router_block_size,
                "iterations": self.train_cfg.train_iters, "parameters": self.parameters,
                "start_iteration": self.start_iteration,
                "consumed_samples": self.consumed_samples, "world_size": self.world,
-               "peak_memory_gib": peak_memory_gib(self.device)}
+               "peak_memory_gib": peak_memory_gib(self.device),
+               "permute_impl": permute_impl_report()}
         return build_summary(self.window, run, valid_loss)
 
 

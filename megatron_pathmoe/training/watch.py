@@ -1,0 +1,93 @@
+"""The trainer's side of :mod:`megatron_pathmoe.monitoring`: one :class:`RunWatch` per run
+holds the Monitor (metrics.jsonl, TensorBoard, W&B), the step profiler and the FLOP count,
+and turns the metrics window's flushes and validations into writes (the recipe in
+``monitoring/monitor.py``)."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+from typing import Mapping
+
+import torch
+import torch.distributed as dist
+
+from megatron_pathmoe.config import PathMoEConfig
+from megatron_pathmoe.monitoring import (
+    Monitor,
+    StepProfiler,
+    flops_per_step,
+    memory_scalars,
+    peak_bf16_tflops,
+    throughput_scalars,
+)
+from megatron_pathmoe.runtime import log
+from megatron_pathmoe.training.arguments import TrainingConfig
+
+
+def run_directory(train: TrainingConfig) -> str | None:
+    """Where metrics.jsonl (and a profile trace) go: --save, else the --summary-json folder,
+    else nowhere (no stream; a profile trace then lands in the working directory)."""
+    if train.save:
+        return train.save
+    if train.summary_json:
+        return os.path.dirname(os.path.abspath(train.summary_json))
+    return None
+
+
+class RunWatch:
+    """Built in ``Trainer.setup`` after the checkpoint is loaded (``start_iteration``: its
+    iteration, 0 for a fresh run: later lines of the stream and events are dropped)."""
+
+    def __init__(self, model_cfg: PathMoEConfig, train: TrainingConfig, device: str,
+                 start_iteration: int) -> None:
+        from megatron_pathmoe.model import padded_vocab_size
+
+        self.cfg, self.device, self.world = train.monitoring, device, dist.get_world_size()
+        run_dir = run_directory(train)
+        self.monitor = Monitor.from_config(
+            self.cfg, run_dir, resume_iteration=start_iteration, log=log,
+            run_config={"model": dataclasses.asdict(model_cfg),
+                        "training": dataclasses.asdict(train)},
+            router_block_size=model_cfg.router_block_size or 1)
+        self.profiler = StepProfiler(self.cfg, run_dir or os.getcwd(), dist.get_rank())
+        vocab = padded_vocab_size(model_cfg.vocab_size, model_cfg.tensor_model_parallel_size)
+        self.step_flops = flops_per_step(model_cfg, train.global_batch_size, vocab)
+        self.peak_tflops = (peak_bf16_tflops(torch.cuda.get_device_name())
+                            if device == "cuda" else None)
+
+    def before_step(self, iteration: int) -> None:
+        self.profiler.step(iteration)
+
+    def interval(self, iteration: int, scalars: Mapping[str, float], *, consumed_samples: int,
+                 load: torch.Tensor | None, entropy: torch.Tensor | None) -> dict[str, float]:
+        """One log interval (every rank: the memory scalars are local, the rest already
+        reduced): throughput and memory per the flags, logged on their own lines, then
+        written. Returns what was written."""
+        scalars = {**scalars, "world-size": float(self.world)}
+        if self.cfg.log_throughput:
+            scalars |= throughput_scalars(self.step_flops, scalars["iteration-time"],
+                                          self.world, self.peak_tflops)
+            mfu = f" | MFU {100 * scalars['mfu']:.1f}%" if "mfu" in scalars else ""
+            log(f"    throughput: {scalars['throughput']:.4g} TFLOP/s per GPU{mfu}")
+        if self.cfg.log_memory:
+            memory = memory_scalars(self.device)
+            scalars |= memory
+            log("    memory: " + " | ".join(
+                f"{k.removeprefix('mem-').removesuffix('-bytes')} {v / 2**30:.3f} GiB"
+                for k, v in memory.items()))
+        self.monitor.write(iteration, scalars, consumed_samples=consumed_samples,
+                           expert_load=load, routing_entropy=entropy)
+        return scalars
+
+    def validation(self, iteration: int, loss: float, consumed_samples: int) -> None:
+        self.monitor.write(iteration, {"lm loss validation": loss,
+                                       "lm loss validation ppl": math.exp(loss)},
+                           consumed_samples=consumed_samples)
+
+    def close(self) -> None:
+        """Write a trace still being recorded and close the sinks (idempotent)."""
+        self.profiler.close()
+        self.monitor.close()
+        self.monitor.sinks = []
