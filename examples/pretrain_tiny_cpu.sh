@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # The main job on a CPU machine: preprocess the shipped Shakespeare corpus, train a tiny
 # PathMoE (8 layers, d=128, 8 experts top-2, block size 4, no aux loss) through megatron-core
-# over gloo for a few minutes, print validation perplexity and the run summary.
+# over gloo for a few minutes, print validation perplexity and the run summary. It writes
+# $OUT/checkpoints/metrics.jsonl (one line per log interval) and TensorBoard events in
+# $OUT/tensorboard: `tensorboard --logdir runs/`, `python tools/plot_metrics.py $OUT/checkpoints`.
 # Extra arguments are passed to the trainer (e.g. --routing independent, --train-iters 50).
 # NPROC=2 trains data parallel; with --tensor-/--pipeline-/--expert-model-parallel-size 2 the
 # same run splits the model instead.
@@ -38,7 +40,8 @@ OMP_NUM_THREADS=${OMP_NUM_THREADS:-2} torchrun --standalone --nproc_per_node "$N
   --data-path runs/data/shakespeare_train_text_document \
   --valid-data-path runs/data/shakespeare_valid_text_document \
   --tokenizer-model data/shakespeare/tokenizer.json \
-  --save "$OUT/checkpoints" --summary-json "$OUT/summary.json" "$@"
+  --save "$OUT/checkpoints" --summary-json "$OUT/summary.json" \
+  --tensorboard-dir "$OUT/tensorboard" --log-throughput "$@"
 python - "$OUT/summary.json" <<'PY'
 import json, sys
 s = json.load(open(sys.argv[1]))
@@ -50,4 +53,5 @@ for k in keys:
 print(f"  expert load max/min per layer (1.0 = uniform): "
       f"{list(zip(s['final_expert_load_max'], s['final_expert_load_min']))}")
 PY
+echo "metrics: $OUT/checkpoints/metrics.jsonl, TensorBoard: tensorboard --logdir $OUT/tensorboard"
 echo "checkpoint: $OUT/checkpoints (next: tools/analyze_paths.py, tools/evaluate.py, tools/convert_checkpoint.py)"
