@@ -41,7 +41,8 @@ class Trainer:
     # ------------------------------------------------------------------ setup
 
     def setup(self) -> None:
-        """Process group, model, optimizer, resume, data, metrics and fault hooks."""
+        """Process group, model, optimizer, resume, data, metrics, fault hooks, and last the
+        monitoring sinks (metrics.jsonl, TensorBoard, W&B) and the profiler."""
         cfg, train = self.model_cfg, self.train_cfg
         self.device = initialize_distributed(cfg, self.device, seed=train.seed,
                                              timeout_minutes=train.distributed_timeout_minutes)
@@ -51,7 +52,6 @@ class Trainer:
             cfg, train, self.device)
         self.parameters = self._log_setup()
         self._resume()
-        self.watch = RunWatch(cfg, train, self.device, self.start_iteration)
         self.train_iter, self.valid_iter = build_data_iterators(
             cfg, train, consumed_samples=self.consumed_samples)
         self.window = MetricsWindow(self.chunks, cfg, train.train_iters,
@@ -60,6 +60,8 @@ class Trainer:
         self.guard = NonFiniteGuard(self.chunks, cfg.num_layers, train.nonfinite_action,
                                     train.max_skipped_steps)
         self.faults = FaultInjector.from_env()
+        # Last: nothing in setup can fail after the sinks open; train() closes them.
+        self.watch = RunWatch(cfg, train, self.device, self.start_iteration)
 
     def _log_setup(self) -> dict[str, int]:
         """Log the permutation, layout, memory estimate and parameters; returns the counts."""
