@@ -77,7 +77,8 @@ def test_resume_is_bitwise_exact_world2_distributed_optimizer(demo_data, tmp_pat
     full, part = tmp_path / "full.json", tmp_path / "part.json"
     _train(demo_data, full, "--save", str(tmp_path / "ck"), "--save-interval", "1",
            "--keep-last", "2", *extra, nproc=2)
-    assert sorted(os.listdir(tmp_path / "ck")) == ["iter_0000003", "iter_0000004", TRACKER_FILE]
+    assert sorted(os.listdir(tmp_path / "ck")) == ["iter_0000003", "iter_0000004", TRACKER_FILE,
+                                                   "metrics.jsonl"]  # --save is the run dir
     _train(demo_data, part, "--load", str(tmp_path / "ck" / "iter_0000003"), *extra, nproc=2)
     assert _summary(part)["train_losses"] == _summary(full)["train_losses"][3:]
 
