@@ -17,10 +17,12 @@ from megatron_pathmoe.config import (
     ConfigError,
     PathMoEConfig,
 )
+from megatron_pathmoe.data.encoders import TokenizerSpec, add_tokenizer_arguments
 from megatron_pathmoe.monitoring import MonitoringConfig, add_monitoring_args
 from megatron_pathmoe.ops import PERMUTE_IMPLS
 from megatron_pathmoe.platform import DEVICE_CHOICES
 from megatron_pathmoe.runtime import OneLineErrorParser
+from megatron_pathmoe.training.cluster import ClusterConfig, add_cluster_args, validate_cluster
 
 NONFINITE_ACTIONS = ("stop", "skip")  # --nonfinite-action
 
@@ -46,7 +48,11 @@ class TrainingConfig:
     data_path: list[str] = field(default_factory=list)
     valid_data_path: list[str] = field(default_factory=list)
     split: str = "98,2,0"
+    tokenizer_type: str = "HuggingFaceTokenizer"
     tokenizer_model: str = ""
+    vocab_file: str | None = None
+    merge_file: str | None = None
+    eod_token: str | None = None
     data_cache_path: str | None = None
     device: str = "auto"
     transformer_impl: str | None = None  # None: platform.gpu.default_transformer_impl(device)
@@ -62,6 +68,13 @@ class TrainingConfig:
     dry_run: bool = False
     dry_run_world_size: int | None = None  # --dry-run: the world size to check the layout for
     monitoring: MonitoringConfig = field(default_factory=MonitoringConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+
+    def tokenizer_spec(self) -> TokenizerSpec:
+        """The tokenizer the ``--tokenizer-*``, ``--vocab-file``, ``--merge-file`` flags name."""
+        eod = self.eod_token
+        return TokenizerSpec(self.tokenizer_type, self.tokenizer_model or None, self.vocab_file,
+                             self.merge_file, int(eod) if eod and eod.isdigit() else eod)
 
     def data_parallel_size(self, model: PathMoEConfig, world_size: int) -> int:
         return world_size // (model.tensor_model_parallel_size * model.pipeline_model_parallel_size)
@@ -87,6 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
     _data_flags(parser, train)
     _runtime_flags(parser, train)
     _checkpointing_flags(parser, train)
+    add_cluster_args(parser)
     add_monitoring_args(parser)  # Megatron-LM's logging groups
     return parser
 
@@ -214,9 +228,7 @@ def _data_flags(parser: argparse.ArgumentParser, t: TrainingConfig) -> None:
     g.add_argument("--valid-data-path", nargs="+", default=[],
                    help="validation prefixes (default: --split of --data-path)")
     g.add_argument("--split", default=t.split)
-    g.add_argument("--tokenizer-type", default="HuggingFaceTokenizer",
-                   choices=("HuggingFaceTokenizer",))
-    g.add_argument("--tokenizer-model", default="", help="a Hugging Face tokenizer.json")
+    add_tokenizer_arguments(g)
     g.add_argument("--data-cache-path", default=None)
 
 
@@ -280,8 +292,10 @@ def parse_args(argv: list[str] | None = None) -> tuple[PathMoEConfig, TrainingCo
     parser = build_parser()
     ns = parser.parse_args(argv)
     model, train = _pick(PathMoEConfig, ns), _pick(TrainingConfig, ns)
+    train.tokenizer_model = ns.tokenizer_model or ""
+    has_tokenizer = bool(ns.tokenizer_model or ns.vocab_file)
     missing = [flag for flag, value in (("--data-path", ns.data_path),
-                                        ("--tokenizer-model", ns.tokenizer_model)) if not value]
+                                        ("--tokenizer-model", has_tokenizer)) if not value]
     if missing and not ns.dry_run:
         parser.error(f"the following arguments are required: {', '.join(missing)}")
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
@@ -289,7 +303,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[PathMoEConfig, TrainingCo
         _resolve_defaults(ns, train)
         if ns.dry_run:
             world_size = ns.dry_run_world_size or world_size
-            model = _dry_run_vocab(model, ns.tokenizer_model, ns.dry_run_vocab_size)
+            model = _dry_run_vocab(model, train, ns.dry_run_vocab_size)
         model = validate(model, train, world_size, check_data=not ns.dry_run)
     except (ConfigError, FileNotFoundError, ValueError) as err:
         parser.error(str(err))
@@ -304,15 +318,17 @@ def _resolve_defaults(ns: argparse.Namespace, train: TrainingConfig) -> None:
     if train.transformer_impl is None:
         train.transformer_impl = default_transformer_impl(train.device)
     train.monitoring = MonitoringConfig.from_args(ns)
+    train.cluster = ClusterConfig.from_args(ns)
+    validate_cluster(train.cluster)
 
 
-def _dry_run_vocab(model: PathMoEConfig, tokenizer_model: str,
+def _dry_run_vocab(model: PathMoEConfig, train: TrainingConfig,
                    vocab_size: int | None) -> PathMoEConfig:
     """A dry run takes the vocabulary from the tokenizer when given, else from the flag."""
     from megatron_pathmoe.data import load_tokenizer
 
-    if tokenizer_model:
-        return model.replace(vocab_size=load_tokenizer(tokenizer_model).vocab_size)
+    if train.tokenizer_model or train.vocab_file:
+        return model.replace(vocab_size=load_tokenizer(train.tokenizer_spec()).vocab_size)
     if vocab_size is not None and vocab_size > 0:
         return model.replace(vocab_size=vocab_size)
     raise ConfigError("--dry-run needs --tokenizer-model or --dry-run-vocab-size N (the "
@@ -353,7 +369,7 @@ def validate(model: PathMoEConfig, train: TrainingConfig, world_size: int,
     parse_blend(train.data_path, "--data-path")  # checks every .bin/.idx exists
     if train.valid_data_path:
         parse_blend(train.valid_data_path, "--valid-data-path")
-    return model.replace(vocab_size=load_tokenizer(train.tokenizer_model).vocab_size)
+    return model.replace(vocab_size=load_tokenizer(train.tokenizer_spec()).vocab_size)
 
 
 def _check_resumable(path: str, model: PathMoEConfig, tokenizer_model: str) -> None:

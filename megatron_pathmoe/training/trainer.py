@@ -18,7 +18,8 @@ import torch.distributed as dist
 from megatron_pathmoe.config import PathMoEConfig
 from megatron_pathmoe.runtime import check_platform, initialize_distributed, log
 from megatron_pathmoe.training.arguments import TrainingConfig
-from megatron_pathmoe.training.build import build_data_iterators, build_model_and_optimizer
+from megatron_pathmoe.training.build import build_model_and_optimizer
+from megatron_pathmoe.training.data import build_data_iterators
 from megatron_pathmoe.training.faults import FaultInjector, NonFiniteGuard
 from megatron_pathmoe.training.metrics import MetricsWindow, peak_memory_gib
 from megatron_pathmoe.training.step import StepResult, evaluate, train_step
@@ -61,7 +62,7 @@ class Trainer:
                                     train.max_skipped_steps)
         self.faults = FaultInjector.from_env()
         # Last: nothing in setup can fail after the sinks open; train() closes them.
-        self.watch = RunWatch(cfg, train, self.device, self.start_iteration)
+        self.watch = RunWatch(cfg, train, self.device, self.start_iteration, chunks=self.chunks)
 
     def _log_setup(self) -> dict[str, int]:
         """Log the permutation, layout, memory estimate and parameters; returns the counts."""

@@ -41,7 +41,7 @@ class RunWatch:
     iteration, 0 for a fresh run: later lines of the stream and events are dropped)."""
 
     def __init__(self, model_cfg: PathMoEConfig, train: TrainingConfig, device: str,
-                 start_iteration: int) -> None:
+                 start_iteration: int, chunks: list | None = None) -> None:
         from megatron_pathmoe.model import padded_vocab_size
 
         self.cfg, self.device, self.world = train.monitoring, device, dist.get_world_size()
