@@ -22,7 +22,17 @@ from megatron_pathmoe.monitoring import MonitoringConfig, add_monitoring_args
 from megatron_pathmoe.ops import PERMUTE_IMPLS
 from megatron_pathmoe.platform import DEVICE_CHOICES
 from megatron_pathmoe.runtime import OneLineErrorParser
-from megatron_pathmoe.training.cluster import ClusterConfig, add_cluster_args, validate_cluster
+from megatron_pathmoe.training.cluster import (
+    ClusterConfig,
+    add_cluster_args,
+    check_resumable,
+    validate_cluster,
+)
+from megatron_pathmoe.training.performance import (
+    PerformanceConfig,
+    add_performance_args,
+    validate_performance,
+)
 
 NONFINITE_ACTIONS = ("stop", "skip")  # --nonfinite-action
 
@@ -69,6 +79,7 @@ class TrainingConfig:
     dry_run_world_size: int | None = None  # --dry-run: the world size to check the layout for
     monitoring: MonitoringConfig = field(default_factory=MonitoringConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    performance: PerformanceConfig = field(default_factory=PerformanceConfig)
 
     def tokenizer_spec(self) -> TokenizerSpec:
         """The tokenizer the ``--tokenizer-*``, ``--vocab-file``, ``--merge-file`` flags name."""
@@ -100,6 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
     _data_flags(parser, train)
     _runtime_flags(parser, train)
     _checkpointing_flags(parser, train)
+    add_performance_args(parser)
     add_cluster_args(parser)
     add_monitoring_args(parser)  # Megatron-LM's logging groups
     return parser
@@ -320,6 +332,8 @@ def _resolve_defaults(ns: argparse.Namespace, train: TrainingConfig) -> None:
     train.monitoring = MonitoringConfig.from_args(ns)
     train.cluster = ClusterConfig.from_args(ns)
     validate_cluster(train.cluster)
+    train.performance = PerformanceConfig.from_args(ns)
+    validate_performance(train.performance, train.use_distributed_optimizer)
 
 
 def _dry_run_vocab(model: PathMoEConfig, train: TrainingConfig,
@@ -365,22 +379,8 @@ def validate(model: PathMoEConfig, train: TrainingConfig, world_size: int,
     if not check_data:
         return model
     if train.load:
-        _check_resumable(train.load, model, train.tokenizer_model)
+        check_resumable(train.load, model, train.tokenizer_model)
     parse_blend(train.data_path, "--data-path")  # checks every .bin/.idx exists
     if train.valid_data_path:
         parse_blend(train.valid_data_path, "--valid-data-path")
     return model.replace(vocab_size=load_tokenizer(train.tokenizer_spec()).vocab_size)
-
-
-def _check_resumable(path: str, model: PathMoEConfig, tokenizer_model: str) -> None:
-    """Fail before launch when --load names no usable checkpoint, a different model or a
-    different tokenizer."""
-    from megatron_pathmoe.checkpoint import check_compatible, file_sha256, read_run_config
-
-    saved = read_run_config(path)
-    if os.path.isfile(tokenizer_model) and file_sha256(tokenizer_model) != saved.tokenizer_sha256:
-        raise ConfigError(f"--tokenizer-model {tokenizer_model} differs from the tokenizer the "
-                          f"--load checkpoint was trained with ({saved.tokenizer_path}); use that "
-                          "file")
-    probe = model.replace(vocab_size=saved.model.vocab_size)  # vocab comes from the tokenizer
-    check_compatible(saved.model, probe, f"--load {path}")

@@ -6,7 +6,10 @@ sources beyond ``--data-path`` (``--test-data-path``, ``--mock-data``, ``--num-w
 from __future__ import annotations
 
 import argparse
+import os
 from dataclasses import dataclass, fields
+
+from megatron_pathmoe.config import ConfigError, PathMoEConfig
 
 CKPT_FORMATS = ("torch_dist",)  # --ckpt-format: the one megatron-core dist checkpointing writes
 
@@ -61,3 +64,18 @@ def add_cluster_args(parser: argparse.ArgumentParser) -> None:
 
 def validate_cluster(cluster: ClusterConfig) -> None:
     """Checks that need no process group; raises ``ConfigError`` naming the flag."""
+
+
+def check_resumable(path: str, model: PathMoEConfig, tokenizer_model: str) -> None:
+    """Fail before launch when --load names no usable checkpoint, a different model or a
+    different tokenizer."""
+    from megatron_pathmoe.checkpoint import check_compatible, file_sha256, read_run_config
+
+
+    saved = read_run_config(path)
+    if os.path.isfile(tokenizer_model) and file_sha256(tokenizer_model) != saved.tokenizer_sha256:
+        raise ConfigError(f"--tokenizer-model {tokenizer_model} differs from the tokenizer the "
+                          f"--load checkpoint was trained with ({saved.tokenizer_path}); use that "
+                          "file")
+    probe = model.replace(vocab_size=saved.model.vocab_size)  # vocab comes from the tokenizer
+    check_compatible(saved.model, probe, f"--load {path}")
