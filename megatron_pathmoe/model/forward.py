@@ -11,13 +11,22 @@ import torch
 
 
 def forward_step(data_iterator: Iterator[dict], model: torch.nn.Module):
-    """Megatron's forward_step_func: returns the per-token losses and how to reduce them."""
+    """Megatron's forward_step_func: returns the per-token losses and how to reduce them.
+    The batch fetch runs in the "batch-generator" timer (level 2) when the model config has
+    megatron timers (--timing-log-level), as in Megatron-LM's pretrain_gpt."""
+    from megatron.core.utils import get_model_config
+
+    timers = get_model_config(model).timers
+    if timers is not None:
+        timers("batch-generator", log_level=2).start()
     batch = next(data_iterator)
     device = next(model.parameters()).device
-    tokens = batch["tokens"].to(device)
-    output = model(tokens, batch["position_ids"].to(device), None,
-                   labels=batch["labels"].to(device))
-    return output, partial(loss_func, batch["loss_mask"].to(device))
+    batch = {key: batch[key].to(device) for key in ("tokens", "position_ids", "labels",
+                                                     "loss_mask")}
+    if timers is not None:
+        timers("batch-generator").stop()
+    output = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"])
+    return output, partial(loss_func, batch["loss_mask"])
 
 
 def loss_func(loss_mask: torch.Tensor, per_token_loss: torch.Tensor):

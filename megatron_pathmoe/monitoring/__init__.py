@@ -19,6 +19,7 @@ from megatron_pathmoe.monitoring.moe import expert_load_scalars
 from megatron_pathmoe.monitoring.monitor import Monitor, is_logging_rank
 from megatron_pathmoe.monitoring.profiler import RANGES, StepProfiler, profile_range
 from megatron_pathmoe.monitoring.stream import METRICS_FILE, MetricsStream, read_metrics
+from megatron_pathmoe.monitoring.timers import TIMER_NAMES, RunTimers, timers_paused
 
 # name -> meaning; the trainer fills what it has (aux losses keep megatron's tracker names).
 SCALARS: dict[str, str] = {
@@ -40,11 +41,13 @@ SCALARS: dict[str, str] = {
     "moe/expert_load_{max,min,cv}_layer_i": "expert load vs uniform per MoE layer",
     "moe/routing_entropy_layer_i": "routing entropy per layer, fraction of ln(experts)",
     "moe/..._block_b": "the same per router block (shared routers)",
+    "<timer>-time": "--timing-log-level 1/2: megatron-core timer (TIMER_NAMES), max over "
+                    "ranks, seconds per iteration (Megatron-LM's TensorBoard tag)",
 }
 
 __all__ = [
-    "METRICS_FILE", "RANGES", "SCALARS", "MetricsStream", "Monitor", "MonitoringConfig",
-    "StepProfiler", "add_monitoring_args", "expert_load_scalars", "flops_per_step",
-    "forward_flops_per_token", "is_logging_rank", "memory_scalars", "peak_bf16_tflops",
-    "profile_range", "read_metrics", "throughput_scalars",
+    "METRICS_FILE", "RANGES", "SCALARS", "TIMER_NAMES", "MetricsStream", "Monitor",
+    "MonitoringConfig", "RunTimers", "StepProfiler", "add_monitoring_args",
+    "expert_load_scalars", "flops_per_step", "forward_flops_per_token", "is_logging_rank",
+    "memory_scalars", "peak_bf16_tflops", "profile_range", "read_metrics", "throughput_scalars", "timers_paused",
 ]

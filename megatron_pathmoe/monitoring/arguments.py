@@ -10,6 +10,9 @@ from dataclasses import dataclass, field
 
 from megatron_pathmoe.config import ConfigError
 
+TIMING_LOG_LEVELS = (0, 1, 2)
+TIMING_LOG_OPTIONS = ("minmax", "max", "all")
+
 
 @dataclass
 class MonitoringConfig:
@@ -27,6 +30,10 @@ class MonitoringConfig:
     # Throughput and memory in the log line and every sink.
     log_throughput: bool = False
     log_memory: bool = False
+    # megatron-core timers (Megatron-LM's flags; level 0: none created).
+    timing_log_level: int = 0
+    timing_log_option: str = "minmax"
+    barrier_with_L1_time: bool = True
     # Weights & Biases (Megatron-LM's names; empty project = off).
     wandb_project: str = ""
     wandb_exp_name: str = ""
@@ -53,6 +60,12 @@ class MonitoringConfig:
                              self.expert_load_histogram_interval)):
             if value < 1:
                 raise ConfigError(f"{flag} must be at least 1 (got {value})")
+        if self.timing_log_level not in TIMING_LOG_LEVELS:
+            raise ConfigError(f"--timing-log-level must be 0, 1 or 2 (got "
+                              f"{self.timing_log_level})")
+        if self.timing_log_option not in TIMING_LOG_OPTIONS:
+            raise ConfigError(f"--timing-log-option must be one of "
+                              f"{', '.join(TIMING_LOG_OPTIONS)} (got {self.timing_log_option!r})")
         if self.profile and not 0 <= self.profile_step_start < self.profile_step_end:
             raise ConfigError(f"--profile-step-start {self.profile_step_start} must be >= 0 and "
                               f"below --profile-step-end {self.profile_step_end}")
@@ -74,7 +87,8 @@ def add_monitoring_args(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
                    help="events queued before an add call forces a write to disk (the "
                    "queue is also flushed at every log interval)")
     g.add_argument("--log-timers-to-tensorboard", action="store_true",
-                   help="also write the iteration time (s) to TensorBoard")
+                   help="also write the iteration time and, with --timing-log-level 1 or 2, "
+                   "the timers (<name>-time: max over ranks, s per iteration) to TensorBoard")
     g.add_argument("--no-log-learning-rate-to-tensorboard", action="store_false",
                    dest="log_learning_rate_to_tensorboard",
                    help="do not write the learning rate to TensorBoard")
@@ -109,6 +123,23 @@ def add_monitoring_args(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     g.add_argument("--log-memory", action="store_true",
                    help="log memory every log interval: GPU allocated/reserved and their "
                    "peaks, CPU resident set size")
+    g.add_argument("--timing-log-level", type=int, default=d.timing_log_level,
+                   choices=TIMING_LOG_LEVELS,
+                   help="megatron-core timers, logged every --log-interval (ms per iteration) "
+                   "and written to metrics.jsonl: 0 none (no overhead); 1 operations run "
+                   "about once per iteration (forward-backward, all-grads-sync, optimizer "
+                   "and its parts); 2 also those run many times (forward/backward-compute per "
+                   "micro-batch, batch-generator, pipeline send/recv, moe-permute/unpermute "
+                   "per MoE layer). Levels 1 and 2 synchronise the GPU at each timer and may "
+                   "slow training")
+    g.add_argument("--timing-log-option", default=d.timing_log_option,
+                   choices=TIMING_LOG_OPTIONS,
+                   help="how the timers are reported over ranks: minmax (min and max), max, "
+                   "all (every rank)")
+    g.add_argument("--no-barrier-with-level-1-timing", action="store_false",
+                   dest="barrier_with_L1_time",
+                   help="do not put a barrier before the level-1 timers (by default they "
+                   "start together on all ranks, so they measure the slowest rank)")
     g.add_argument("--no-metrics-stream", action="store_false", dest="metrics_stream",
                    help="do not append one JSON line per log interval to "
                    "<run dir>/metrics.jsonl (on by default; survives a kill, resumes "

@@ -51,8 +51,9 @@ class TensorBoardSink:
         cfg = self.cfg
         switches = {"learning-rate": cfg.log_learning_rate_to_tensorboard,
                     "loss-scale": cfg.log_loss_scale_to_tensorboard,
-                    "world-size": cfg.log_world_size_to_tensorboard,
-                    "iteration-time": cfg.log_timers_to_tensorboard}
+                    "world-size": cfg.log_world_size_to_tensorboard}
+        if tag.endswith("-time"):  # iteration-time and the megatron timers' <name>-time
+            return cfg.log_timers_to_tensorboard
         if tag.startswith("mem-"):
             return cfg.log_memory_to_tensorboard
         if tag.endswith(" validation ppl"):

@@ -9,7 +9,8 @@ touched, so ``install_permute_impl("megatron")`` restores megatron-core's own fu
 :func:`megatron_pathmoe.ops.selfcheck.self_check` there. On a failure ``auto`` falls back to
 megatron-core's permutation for the rest of the process (one warning line), ``custom`` raises.
 ``PATHMOE_OPS_SKIP_SELFCHECK=1`` skips the check (benchmarks). :func:`permute_impl_report`
-says what happened, for the run summary.
+says what happened, for the run summary. :func:`set_permute_timing` wraps whatever is bound in
+megatron-core timers "moe-permute"/"moe-unpermute" (``--timing-log-level 2``).
 """
 
 from __future__ import annotations
@@ -29,7 +30,8 @@ logger = logging.getLogger(__name__)
 PERMUTE_IMPLS = ("auto", "custom", "megatron", "reference")
 
 # What install_permute_impl chose and what the self-checks found (see permute_impl_report).
-_state: dict = {"requested": None, "device": None, "fallback_reason": None}
+_state: dict = {"requested": None, "device": None, "fallback_reason": None,
+                "timing": None}  # the config whose ``timers`` time the permutation
 _checks: dict[tuple[str, str, str], str] = {}  # (device, dtype, mode) -> "passed"/"skipped"/why
 
 
@@ -119,9 +121,49 @@ def _functions(impl: str) -> tuple[Callable, Callable]:
 
 
 def _bind(impl: str) -> None:
+    _rebind(*_functions(impl))
+
+
+def _rebind(permute: Callable, unpermute: Callable) -> None:
     from megatron.core.transformer.moe import token_dispatcher
 
-    token_dispatcher.permute, token_dispatcher.unpermute = _functions(impl)
+    if _state["timing"] is not None:
+        permute, unpermute = _timed("moe-permute", permute), _timed("moe-unpermute", unpermute)
+    token_dispatcher.permute, token_dispatcher.unpermute = permute, unpermute
+
+
+def _timed(name: str, fn: Callable) -> Callable:
+    """``fn`` inside the megatron-core timer ``name`` (level 2) whenever the timing config's
+    ``timers`` is set (it is None during evaluation)."""
+    fn = _untimed(fn)
+
+    def timed(*args, **kwargs):
+        timers = _state["timing"].timers
+        if timers is None:
+            return fn(*args, **kwargs)
+        timers(name, log_level=2).start()
+        out = fn(*args, **kwargs)
+        timers(name).stop()
+        return out
+
+    timed.untimed = fn
+    return timed
+
+
+def _untimed(fn: Callable) -> Callable:
+    return getattr(fn, "untimed", fn)
+
+
+def set_permute_timing(config) -> None:
+    """Time every forward permute/unpermute call of the dispatchers (whichever implementation
+    is bound, a recompute included; their backward runs inside megatron's backward-compute)
+    with ``config.timers`` ("moe-permute", "moe-unpermute", log level 2). Each call starts and
+    stops a megatron Timer, which synchronises the GPU: Megatron-LM's level 2 ("operations
+    executed many times per iteration; may slow training"). ``None`` unwraps."""
+    from megatron.core.transformer.moe import token_dispatcher
+
+    _state["timing"] = config
+    _rebind(_untimed(token_dispatcher.permute), _untimed(token_dispatcher.unpermute))
 
 
 def _unavailable(device: str) -> str | None:
@@ -173,7 +215,7 @@ def installed_permute_impl() -> str:
     "other" when someone else rebound them)."""
     from megatron.core.transformer.moe import token_dispatcher
 
-    current = (token_dispatcher.permute, token_dispatcher.unpermute)
+    current = (_untimed(token_dispatcher.permute), _untimed(token_dispatcher.unpermute))
     for impl in ("custom", "reference", "megatron"):
         if current == _functions(impl):
             return impl

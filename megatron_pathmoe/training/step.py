@@ -10,6 +10,7 @@ import torch
 
 from megatron_pathmoe.config import PathMoEConfig
 from megatron_pathmoe.model import forward_backward, loss_sums
+from megatron_pathmoe.monitoring import timers_paused
 from megatron_pathmoe.runtime import all_reduce_to_cpu
 from megatron_pathmoe.training.arguments import TrainingConfig
 
@@ -52,21 +53,34 @@ def train_step(chunks, optimizer, scheduler, data_iterator, model_cfg: PathMoECo
     if should_step is not None and not should_step(loss):
         return StepResult(loss=loss, grad_norm=float("nan"), lr=optimizer.param_groups[0]["lr"],
                           skipped=True)
-    updated, grad_norm, _ = optimizer.step()
+    updated, grad_norm = _optimizer_step(optimizer, chunks[0].config.timers)
     if updated:
         scheduler.step(increment=1)
     return StepResult(loss=loss, grad_norm=float(grad_norm or 0.0),
                       lr=optimizer.param_groups[0]["lr"], skipped=not updated)
 
 
+def _optimizer_step(optimizer, timers) -> tuple[bool, float | None]:
+    """optimizer.step() inside the "optimizer" timer (level 1, as Megatron-LM's train_step)
+    when --timing-log-level is on."""
+    if timers is not None:
+        timers("optimizer", log_level=1).start(barrier=optimizer.config.barrier_with_L1_time)
+    updated, grad_norm, _ = optimizer.step()
+    if timers is not None:
+        timers("optimizer").stop()
+    return updated, grad_norm
+
+
 @torch.no_grad()
 def evaluate(chunks, data_iterator, model_cfg: PathMoEConfig, train: TrainingConfig,
              num_microbatches: int) -> float:
-    """Mean validation loss (nats/token) over ``--eval-iters`` global batches."""
+    """Mean validation loss (nats/token) over ``--eval-iters`` global batches (untimed, as
+    in Megatron-LM: the timers measure training iterations)."""
     for chunk in chunks:
         chunk.eval()
-    sums = sum(_batch_sums(chunks, data_iterator, model_cfg, train, num_microbatches,
-                           forward_only=True) for _ in range(train.eval_iters))
+    with timers_paused(chunks):
+        sums = sum(_batch_sums(chunks, data_iterator, model_cfg, train, num_microbatches,
+                               forward_only=True) for _ in range(train.eval_iters))
     for chunk in chunks:
         chunk.train()
     return _global_mean(sums)

@@ -62,7 +62,8 @@ class Trainer:
                                     train.max_skipped_steps)
         self.faults = FaultInjector.from_env()
         # Last: nothing in setup can fail after the sinks open; train() closes them.
-        self.watch = RunWatch(cfg, train, self.device, self.start_iteration, chunks=self.chunks)
+        self.watch = RunWatch(cfg, train, self.device, self.start_iteration, chunks=self.chunks,
+                              optimizer=self.optimizer)
 
     def _log_setup(self) -> dict[str, int]:
         """Log the permutation, layout, memory estimate and parameters; returns the counts."""

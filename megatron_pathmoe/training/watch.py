@@ -1,7 +1,7 @@
 """The trainer's side of :mod:`megatron_pathmoe.monitoring`: one :class:`RunWatch` per run
-holds the Monitor (metrics.jsonl, TensorBoard, W&B), the step profiler and the FLOP count,
-and turns the metrics window's flushes and validations into writes (the recipe in
-``monitoring/monitor.py``)."""
+holds the Monitor (metrics.jsonl, TensorBoard, W&B), the step profiler, the FLOP count and
+megatron-core's timers (``--timing-log-level``), and turns the metrics window's flushes and
+validations into writes (the recipe in ``monitoring/monitor.py``)."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ import torch.distributed as dist
 from megatron_pathmoe.config import PathMoEConfig
 from megatron_pathmoe.monitoring import (
     Monitor,
+    RunTimers,
     StepProfiler,
     flops_per_step,
     memory_scalars,
@@ -38,10 +39,12 @@ def run_directory(train: TrainingConfig) -> str | None:
 
 class RunWatch:
     """Built in ``Trainer.setup`` after the checkpoint is loaded (``start_iteration``: its
-    iteration, 0 for a fresh run: later lines of the stream and events are dropped)."""
+    iteration, 0 for a fresh run: later lines of the stream and events are dropped).
+    ``chunks`` (the DDP-wrapped model chunks) and ``optimizer`` get megatron's timers at
+    --timing-log-level 1 or 2."""
 
     def __init__(self, model_cfg: PathMoEConfig, train: TrainingConfig, device: str,
-                 start_iteration: int, chunks: list | None = None) -> None:
+                 start_iteration: int, chunks: list | None = None, optimizer=None) -> None:
         from megatron_pathmoe.model import padded_vocab_size
 
         self.cfg, self.device, self.world = train.monitoring, device, dist.get_world_size()
@@ -56,6 +59,8 @@ class RunWatch:
         self.step_flops = flops_per_step(model_cfg, train.global_batch_size, vocab)
         self.peak_tflops = (peak_bf16_tflops(torch.cuda.get_device_name())
                             if device == "cuda" else None)
+        self.timers = RunTimers.from_config(self.cfg, chunks, optimizer)
+        self._timed_until = start_iteration  # the timers hold the iterations after it
 
     def before_step(self, iteration: int) -> None:
         self.profiler.step(iteration)
@@ -71,6 +76,8 @@ class RunWatch:
                                           self.world, self.peak_tflops)
             mfu = f" | MFU {100 * scalars['mfu']:.1f}%" if "mfu" in scalars else ""
             log(f"    throughput: {scalars['throughput']:.4g} TFLOP/s per GPU{mfu}")
+        if self.timers is not None:
+            scalars |= self._pop_timers(iteration)
         if self.cfg.log_memory:
             memory = memory_scalars(self.device)
             scalars |= memory
@@ -81,13 +88,26 @@ class RunWatch:
                            expert_load=load, routing_entropy=entropy)
         return scalars
 
+    def _pop_timers(self, iteration: int) -> dict[str, float]:
+        """The timers per iteration since the last log (collective), logged as Megatron-LM
+        does; returns their "<name>-time" scalars."""
+        scalars, text = self.timers.pop(iteration - self._timed_until)
+        self._timed_until = iteration
+        if text:
+            log("    " + text.replace("\n", "\n    "))
+        return scalars
+
     def validation(self, iteration: int, loss: float, consumed_samples: int) -> None:
         self.monitor.write(iteration, {"lm loss validation": loss,
                                        "lm loss validation ppl": math.exp(loss)},
                            consumed_samples=consumed_samples)
 
     def close(self) -> None:
-        """Write a trace still being recorded and close the sinks (idempotent)."""
+        """Write a trace still being recorded, take the timers off the model and optimizer
+        and close the sinks (idempotent)."""
+        if self.timers is not None:
+            self.timers.close()
+            self.timers = None
         self.profiler.close()
         self.monitor.close()
         self.monitor.sinks = []

@@ -131,6 +131,12 @@ def test_metrics_stream_and_summary_hold_the_same_values(watched_run):
     assert "throughput:" in watched_run["stdout"] and "memory: rss" in watched_run["stdout"]
 
 
+def test_default_timing_level_0_logs_and_writes_no_timer(watched_run):
+    records = read_metrics(str(watched_run["root"]))
+    assert not [k for r in records for k in r if k.endswith("-time") and k != "iteration-time"]
+    assert "time across ranks" not in watched_run["stdout"]
+
+
 def test_summary_records_the_permutation(watched_run):
     summary = json.loads((watched_run["root"] / "summary.json").read_text())
     report = summary["permute_impl"]
