@@ -21,6 +21,7 @@ ROUTING_CHOICES = ("independent", "path", "random", "xmoe", "recurrent", "mono",
 # used when the flag is not given (path: the paper's best B=4; xmoe: plain X-MoE).
 BLOCK_ROUTING_DEFAULT_BLOCK = {"path": 4, "mono": 4, "xmoe": 1}
 SCORE_FUNCTION_CHOICES = ("softmax", "sigmoid")
+POSITION_EMBEDDING_CHOICES = ("rope", "none")
 DISPATCHER_CHOICES = ("alltoall", "allgather")
 
 
@@ -35,10 +36,15 @@ class PathMoEConfig:
     hidden_size: int = 128
     num_attention_heads: int = 4
     num_query_groups: int | None = None  # None: multi-head attention; < heads: GQA
+    kv_channels: int | None = None  # attention head width; None: hidden / heads
     moe_ffn_hidden_size: int = 256
     seq_length: int = 256
+    max_position_embeddings: int | None = None  # None: --seq-length (RoPE has no table)
     vocab_size: int = 4096
+    make_vocab_size_divisible_by: int = 128  # embedding rows padded to this x TP
+    position_embedding_type: str = "rope"  # rope, or none (no position information)
     rotary_base: int = 10000
+    rotary_percent: float = 1.0  # fraction of each head's channels rotated
     norm_epsilon: float = 1e-5
     init_method_std: float = 0.02
     untie_embeddings_and_output_weights: bool = True
@@ -91,6 +97,7 @@ class PathMoEConfig:
         _require(self.num_attention_heads % groups == 0,
                  f"--num-query-groups {groups} must divide --num-attention-heads "
                  f"{self.num_attention_heads}")
+        self._validate_shape()
         _require(self.num_experts >= 1, "--num-experts must be at least 1")
         _require(1 <= self.moe_router_topk <= self.num_experts,
                  f"--moe-router-topk {self.moe_router_topk} must be between 1 and --num-experts "
@@ -104,6 +111,33 @@ class PathMoEConfig:
         self._validate_routing()
         self._validate_parallel(world_size)
         return self.replace(path_block_size=self.block_size)
+
+    def _validate_shape(self) -> None:
+        """The shape flags beyond layers, width and heads (Megatron-LM's meanings)."""
+        _require(self.kv_channels is None or self.kv_channels > 0,
+                 "--kv-channels must be positive")
+        _require(self.max_position_embeddings is None
+                 or self.max_position_embeddings >= self.seq_length,
+                 f"--max-position-embeddings {self.max_position_embeddings} is below "
+                 f"--seq-length {self.seq_length}; raise it or leave it out")
+        _require(self.make_vocab_size_divisible_by >= 1,
+                 "--make-vocab-size-divisible-by must be at least 1")
+        _require(self.position_embedding_type in POSITION_EMBEDDING_CHOICES,
+                 f"--position-embedding-type {self.position_embedding_type}: megatron-pathmoe "
+                 f"supports {' and '.join(POSITION_EMBEDDING_CHOICES)} (RoPE: paper, Appendix B)")
+        _require(0 < self.rotary_percent <= 1, "--rotary-percent must be in (0, 1]")
+        head = self.kv_channels or self.hidden_size // self.num_attention_heads
+        rotated = int(head * self.rotary_percent)
+        _require(self.position_embedding_type != "rope" or (rotated > 0 and rotated % 2 == 0),
+                 f"--rotary-percent {self.rotary_percent} rotates {rotated} of {head} channels "
+                 "per head; RoPE needs an even number")
+
+    @property
+    def padded_vocab_size(self) -> int:
+        """Megatron pads the embedding so every TP shard has the same, aligned number of rows
+        (``--make-vocab-size-divisible-by`` x TP)."""
+        multiple = self.make_vocab_size_divisible_by * self.tensor_model_parallel_size
+        return -(-self.vocab_size // multiple) * multiple
 
     @property
     def block_size(self) -> int:
@@ -265,6 +299,7 @@ class PathMoEConfig:
             hidden_size=self.hidden_size,
             num_attention_heads=self.num_attention_heads,
             num_query_groups=self.num_query_groups,
+            kv_channels=self.kv_channels,
             ffn_hidden_size=self.moe_ffn_hidden_size,
             normalization="RMSNorm",
             layernorm_epsilon=self.norm_epsilon,

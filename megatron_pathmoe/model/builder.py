@@ -14,7 +14,8 @@ from megatron_pathmoe.ops import install_permute_impl
 
 
 def padded_vocab_size(vocab_size: int, tensor_parallel_size: int, divisible_by: int = 128) -> int:
-    """Megatron pads the embedding so every TP shard has the same, aligned number of rows."""
+    """Megatron pads the embedding so every TP shard has the same, aligned number of rows
+    (``PathMoEConfig.padded_vocab_size`` applies the model's ``--make-vocab-size-divisible-by``)."""
     multiple = divisible_by * tensor_parallel_size
     return -(-vocab_size // multiple) * multiple
 
@@ -22,7 +23,8 @@ def padded_vocab_size(vocab_size: int, tensor_parallel_size: int, divisible_by: 
 def build_gpt_model(config: PathMoEConfig, *, use_transformer_engine: bool = False,
                     vp_stage: int | None = None, use_cpu_initialization: bool = False,
                     permute_impl: str | None = None, device: str | None = None) -> GPTModel:
-    """A GPTModel (RMSNorm, SwiGLU experts, RoPE, GQA; Appendix B of the paper) holding this
+    """A GPTModel (RMSNorm, SwiGLU experts, RoPE or none, GQA, no biases; Appendix B of the
+    paper) holding this
     rank's pipeline stage (virtual stage ``vp_stage`` of it under an interleaved pipeline).
     Needs initialised model-parallel state. ``use_cpu_initialization`` draws every
     tensor-parallel weight whole and keeps this rank's slice, so TP layouts start from the
@@ -38,12 +40,13 @@ def build_gpt_model(config: PathMoEConfig, *, use_transformer_engine: bool = Fal
         config=transformer_config,
         transformer_layer_spec=decoder_block_spec(config, transformer_config,
                                                   use_transformer_engine, vp_stage),
-        vocab_size=padded_vocab_size(config.vocab_size, config.tensor_model_parallel_size),
-        max_sequence_length=config.seq_length,
+        vocab_size=config.padded_vocab_size,
+        max_sequence_length=config.max_position_embeddings or config.seq_length,
         pre_process=pre_process,
         post_process=post_process,
         share_embeddings_and_output_weights=not config.untie_embeddings_and_output_weights,
-        position_embedding_type="rope",
+        position_embedding_type=config.position_embedding_type,
+        rotary_percent=config.rotary_percent,
         rotary_base=config.rotary_base,
         parallel_output=True,
         vp_stage=vp_stage,

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 
 from megatron_pathmoe.config import PathMoEConfig
-from megatron_pathmoe.model.builder import ParameterCounts, padded_vocab_size
+from megatron_pathmoe.model.builder import ParameterCounts
 
 GIB = 1024 ** 3
 
@@ -28,7 +28,7 @@ GIB = 1024 ** 3
 # --------------------------------------------------------------------------- shapes
 
 def _kv_channels(cfg: PathMoEConfig) -> int:
-    return cfg.hidden_size // cfg.num_attention_heads
+    return cfg.kv_channels or cfg.hidden_size // cfg.num_attention_heads
 
 
 def attention_parameters(cfg: PathMoEConfig) -> int:
@@ -45,7 +45,7 @@ def expert_parameters(cfg: PathMoEConfig) -> int:
 
 
 def _vocab(cfg: PathMoEConfig) -> int:
-    return padded_vocab_size(cfg.vocab_size, cfg.tensor_model_parallel_size)
+    return cfg.padded_vocab_size
 
 
 @dataclass(frozen=True)

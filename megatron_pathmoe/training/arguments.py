@@ -28,6 +28,12 @@ from megatron_pathmoe.training.cluster import (
     check_resumable,
     validate_cluster,
 )
+from megatron_pathmoe.training.megatron_compat import (
+    add_architecture_args,
+    add_shape_args,
+    add_unsupported_args,
+    resolve_architecture,
+)
 from megatron_pathmoe.training.performance import (
     PerformanceConfig,
     add_performance_args,
@@ -35,20 +41,51 @@ from megatron_pathmoe.training.performance import (
 )
 
 NONFINITE_ACTIONS = ("stop", "skip")  # --nonfinite-action
+LR_DECAY_STYLES = ("constant", "linear", "cosine", "inverse-square-root", "WSD")
+LR_WSD_DECAY_STYLES = ("exponential", "linear", "cosine", "minus_sqrt")
+WD_INCR_STYLES = ("constant", "linear", "cosine")
+DEFAULT_TRAIN_ITERS, DEFAULT_WARMUP_ITERS = 100, 10  # without --train-iters/--train-samples
+
+
+@dataclass(frozen=True)
+class LRSchedule:
+    """megatron-core ``OptimizerParamScheduler``'s step counts, in its step unit: iterations
+    for an iteration budget, samples for ``--train-samples`` (as Megatron-LM, which counts
+    samples throughout; with a fixed global batch an iteration budget gives the same LR per
+    iteration either way)."""
+
+    warmup_steps: float
+    decay_steps: int
+    wsd_decay_steps: int | None
+    wd_incr_steps: int
+    increment: int  # scheduler steps per iteration
 
 
 @dataclass
 class TrainingConfig:
     micro_batch_size: int = 4
     global_batch_size: int = 16
-    train_iters: int = 100
+    train_iters: int = DEFAULT_TRAIN_ITERS  # with --train-samples: train_samples // batch
+    train_samples: int | None = None
     lr: float = 3e-3
     min_lr: float = 3e-4
-    lr_warmup_iters: int = 10
+    lr_warmup_init: float = 0.0
+    lr_warmup_iters: int = DEFAULT_WARMUP_ITERS
+    lr_warmup_samples: int = 0
+    lr_warmup_fraction: float | None = None
+    lr_decay_iters: int | None = None  # None: train_iters
+    lr_decay_samples: int | None = None  # None: train_samples
     lr_decay_style: str = "cosine"
+    lr_wsd_decay_style: str = "exponential"
+    lr_wsd_decay_iters: int | None = None
+    lr_wsd_decay_samples: int | None = None
     weight_decay: float = 0.1
+    start_weight_decay: float | None = None  # None: weight_decay
+    end_weight_decay: float | None = None  # None: weight_decay
+    weight_decay_incr_style: str = "constant"
     adam_beta1: float = 0.9
     adam_beta2: float = 0.95
+    adam_eps: float = 1e-8
     clip_grad: float = 1.0
     seed: int = 1234
     log_interval: int = 10
@@ -87,12 +124,38 @@ class TrainingConfig:
         return TokenizerSpec(self.tokenizer_type, self.tokenizer_model or None, self.vocab_file,
                              self.merge_file, int(eod) if eod and eod.isdigit() else eod)
 
+    def lr_schedule(self) -> LRSchedule:
+        """The scheduler's warmup, decay and weight-decay steps (Megatron-LM's
+        ``get_optimizer_param_scheduler``: a warmup fraction is of the decay steps)."""
+        if self.train_samples is None:
+            decay, warmup, wsd = (_or(self.lr_decay_iters, self.train_iters),
+                                  self.lr_warmup_iters, self.lr_wsd_decay_iters)
+            total, increment = self.train_iters, 1
+        else:
+            decay, warmup, wsd = (_or(self.lr_decay_samples, self.train_samples),
+                                  self.lr_warmup_samples, self.lr_wsd_decay_samples)
+            total, increment = self.train_samples, self.global_batch_size
+        if self.lr_warmup_fraction is not None:
+            warmup = self.lr_warmup_fraction * decay
+        return LRSchedule(warmup, decay, wsd, total, increment)
+
+    def weight_decay_range(self) -> tuple[float, float]:
+        """(start, end) of the weight decay: ``--start-/--end-weight-decay``, else
+        ``--weight-decay``."""
+        start, end = self.start_weight_decay, self.end_weight_decay
+        return (self.weight_decay if start is None else start,
+                self.weight_decay if end is None else end)
+
     def data_parallel_size(self, model: PathMoEConfig, world_size: int) -> int:
         return world_size // (model.tensor_model_parallel_size * model.pipeline_model_parallel_size)
 
     def num_microbatches(self, model: PathMoEConfig, world_size: int) -> int:
         dp = self.data_parallel_size(model, world_size)
         return self.global_batch_size // (self.micro_batch_size * dp)
+
+
+def _or(value: int | None, default: int) -> int:
+    return default if value is None else value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -105,15 +168,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     model, train = PathMoEConfig(), TrainingConfig()
     _model_flags(parser, model)
+    add_architecture_args(parser)
     _moe_and_routing_flags(parser, model)
     _parallel_flags(parser, model)
     _training_flags(parser, train)
+    _lr_flags(parser, train)
     _data_flags(parser, train)
     _runtime_flags(parser, train)
     _checkpointing_flags(parser, train)
     add_performance_args(parser)
     add_cluster_args(parser)
     add_monitoring_args(parser)  # Megatron-LM's logging groups
+    add_unsupported_args(parser)  # last: skips what any group above implements
     return parser
 
 
@@ -124,13 +190,18 @@ def _model_flags(parser: argparse.ArgumentParser, m: PathMoEConfig) -> None:
     g.add_argument("--num-attention-heads", type=int, default=m.num_attention_heads)
     g.add_argument("--num-query-groups", type=int, default=None,
                    help="KV heads for grouped-query attention (default: = attention heads)")
-    g.add_argument("--moe-ffn-hidden-size", type=int, default=m.moe_ffn_hidden_size)
+    g.add_argument("--moe-ffn-hidden-size", type=int, default=None,
+                   help=f"expert FFN width (default: --ffn-hidden-size, else "
+                        f"{m.moe_ffn_hidden_size})")
+    add_shape_args(g)
     g.add_argument("--seq-length", type=int, default=m.seq_length)
     g.add_argument("--rotary-base", type=int, default=m.rotary_base)
     g.add_argument("--norm-epsilon", type=float, default=m.norm_epsilon)
     g.add_argument("--init-method-std", type=float, default=m.init_method_std)
     g.add_argument("--untie-embeddings-and-output-weights", default=True,
-                   action=argparse.BooleanOptionalAction)
+                   action=argparse.BooleanOptionalAction,
+                   help="separate input embedding and output layer (default: untied, unlike "
+                        "Megatron-LM; --no-untie-embeddings-and-output-weights ties them)")
     g.add_argument("--attention-dropout", type=float, default=m.attention_dropout)
     g.add_argument("--hidden-dropout", type=float, default=m.hidden_dropout)
     g.add_argument("--bf16", action="store_true")
@@ -214,15 +285,21 @@ def _training_flags(parser: argparse.ArgumentParser, t: TrainingConfig) -> None:
     g = parser.add_argument_group("training")
     g.add_argument("--micro-batch-size", type=int, default=t.micro_batch_size)
     g.add_argument("--global-batch-size", type=int, default=t.global_batch_size)
-    g.add_argument("--train-iters", type=int, default=t.train_iters)
-    g.add_argument("--lr", type=float, default=t.lr)
-    g.add_argument("--min-lr", type=float, default=t.min_lr)
-    g.add_argument("--lr-warmup-iters", type=int, default=t.lr_warmup_iters)
-    g.add_argument("--lr-decay-style", choices=("cosine", "linear", "constant"),
-                   default=t.lr_decay_style)
+    g.add_argument("--train-iters", type=int, default=None,
+                   help=f"iterations to train (default {t.train_iters}; or --train-samples)")
+    g.add_argument("--train-samples", type=int, default=None,
+                   help="samples to train: train-samples // global-batch-size iterations; the "
+                        "LR schedule then counts samples (--lr-*-samples)")
     g.add_argument("--weight-decay", type=float, default=t.weight_decay)
+    g.add_argument("--start-weight-decay", type=float, default=None,
+                   help="weight decay at iteration 0 (default: --weight-decay)")
+    g.add_argument("--end-weight-decay", type=float, default=None,
+                   help="weight decay at the end of training (default: --weight-decay)")
+    g.add_argument("--weight-decay-incr-style", choices=WD_INCR_STYLES,
+                   default=t.weight_decay_incr_style)
     g.add_argument("--adam-beta1", type=float, default=t.adam_beta1)
     g.add_argument("--adam-beta2", type=float, default=t.adam_beta2)
+    g.add_argument("--adam-eps", type=float, default=t.adam_eps)
     g.add_argument("--clip-grad", type=float, default=t.clip_grad)
     g.add_argument("--seed", type=int, default=t.seed)
     g.add_argument("--log-interval", type=int, default=t.log_interval)
@@ -230,6 +307,33 @@ def _training_flags(parser: argparse.ArgumentParser, t: TrainingConfig) -> None:
                    help="iterations between validations (0: only at the end)")
     g.add_argument("--eval-iters", type=int, default=t.eval_iters,
                    help="global batches per validation")
+
+
+def _lr_flags(parser: argparse.ArgumentParser, t: TrainingConfig) -> None:
+    g = parser.add_argument_group("learning rate")
+    g.add_argument("--lr", type=float, default=t.lr)
+    g.add_argument("--min-lr", type=float, default=t.min_lr)
+    g.add_argument("--lr-decay-style", choices=LR_DECAY_STYLES, default=t.lr_decay_style)
+    g.add_argument("--lr-decay-iters", type=int, default=None,
+                   help="iterations to decay the LR over (default: --train-iters)")
+    g.add_argument("--lr-decay-samples", type=int, default=None,
+                   help="with --train-samples: samples to decay over (default: --train-samples)")
+    g.add_argument("--lr-warmup-iters", type=int, default=None,
+                   help=f"linear warmup iterations (default {t.lr_warmup_iters} with "
+                        "--train-iters, unlike Megatron-LM's 0)")
+    g.add_argument("--lr-warmup-samples", type=int, default=t.lr_warmup_samples,
+                   help="with --train-samples: linear warmup samples")
+    g.add_argument("--lr-warmup-fraction", type=float, default=None,
+                   help="warmup as a fraction of the decay steps (instead of --lr-warmup-*)")
+    g.add_argument("--lr-warmup-init", type=float, default=t.lr_warmup_init,
+                   help="LR at the start of the warmup")
+    g.add_argument("--lr-wsd-decay-style", choices=LR_WSD_DECAY_STYLES,
+                   default=t.lr_wsd_decay_style,
+                   help="--lr-decay-style WSD: shape of the final anneal")
+    g.add_argument("--lr-wsd-decay-iters", type=int, default=None,
+                   help="--lr-decay-style WSD: iterations of the final anneal")
+    g.add_argument("--lr-wsd-decay-samples", type=int, default=None,
+                   help="--lr-decay-style WSD with --train-samples: samples of the final anneal")
 
 
 def _data_flags(parser: argparse.ArgumentParser, t: TrainingConfig) -> None:
@@ -303,6 +407,11 @@ def parse_args(argv: list[str] | None = None) -> tuple[PathMoEConfig, TrainingCo
     """Parse and validate; exits with a one-line error naming the flag on bad input."""
     parser = build_parser()
     ns = parser.parse_args(argv)
+    try:
+        resolve_architecture(ns, PathMoEConfig.moe_ffn_hidden_size)
+        _resolve_budget(ns)
+    except ConfigError as err:
+        parser.error(str(err))
     model, train = _pick(PathMoEConfig, ns), _pick(TrainingConfig, ns)
     train.tokenizer_model = ns.tokenizer_model or ""
     has_tokenizer = bool(ns.tokenizer_model or ns.vocab_file)
@@ -323,6 +432,38 @@ def parse_args(argv: list[str] | None = None) -> tuple[PathMoEConfig, TrainingCo
     return model, train
 
 
+def _resolve_budget(ns: argparse.Namespace) -> None:
+    """Megatron-LM's two budgets: iterations with --lr-*-iters, or samples with
+    --lr-*-samples (then train_iters = train_samples // global batch); never a mix."""
+    samples = ns.train_samples is not None
+    if samples and ns.train_iters is not None:
+        raise ConfigError("give --train-iters or --train-samples, not both")
+    other = "--train-iters" if samples else "--train-samples"
+    for flag, given in (("--lr-decay-iters", ns.lr_decay_iters is not None),
+                        ("--lr-warmup-iters", ns.lr_warmup_iters is not None),
+                        ("--lr-wsd-decay-iters", ns.lr_wsd_decay_iters is not None),
+                        ("--lr-decay-samples", ns.lr_decay_samples is not None),
+                        ("--lr-warmup-samples", ns.lr_warmup_samples != 0),
+                        ("--lr-wsd-decay-samples", ns.lr_wsd_decay_samples is not None)):
+        if given and flag.endswith("-iters") == samples:
+            raise ConfigError(f"{flag} goes with {other}; use the --lr-*-"
+                              f"{'samples' if samples else 'iters'} flag instead")
+    warmup_given = ns.lr_warmup_iters is not None or ns.lr_warmup_samples != 0
+    if ns.lr_warmup_fraction is not None and warmup_given:
+        raise ConfigError("--lr-warmup-fraction replaces --lr-warmup-iters/--lr-warmup-samples; "
+                          "give one of them")
+    if samples:
+        if ns.train_samples < ns.global_batch_size:
+            raise ConfigError(f"--train-samples {ns.train_samples} is below one global batch "
+                              f"(--global-batch-size {ns.global_batch_size})")
+        ns.train_iters = ns.train_samples // ns.global_batch_size
+    elif ns.train_iters is None:
+        ns.train_iters = DEFAULT_TRAIN_ITERS
+    if ns.lr_warmup_iters is None:
+        no_default = samples or ns.lr_warmup_fraction is not None
+        ns.lr_warmup_iters = 0 if no_default else DEFAULT_WARMUP_ITERS
+
+
 def _resolve_defaults(ns: argparse.Namespace, train: TrainingConfig) -> None:
     """Defaults that depend on the machine, and the monitoring flags."""
     from megatron_pathmoe.platform.gpu import default_transformer_impl
@@ -334,6 +475,30 @@ def _resolve_defaults(ns: argparse.Namespace, train: TrainingConfig) -> None:
     validate_cluster(train.cluster)
     train.performance = PerformanceConfig.from_args(ns)
     validate_performance(train.performance, train.use_distributed_optimizer)
+
+
+def _validate_schedule(train: TrainingConfig) -> None:
+    """What megatron-core's OptimizerParamScheduler asserts, as one line naming the flags."""
+    unit = "iters" if train.train_samples is None else "samples"
+    s = train.lr_schedule()
+    if not 0 <= s.warmup_steps < s.decay_steps:
+        raise ConfigError(f"LR warmup ({s.warmup_steps:g} {unit}: --lr-warmup-{unit} or "
+                          f"--lr-warmup-fraction) must be >= 0 and below the decay length "
+                          f"({s.decay_steps} {unit}: --lr-decay-{unit}, default the training "
+                          "length)")
+    if not 0 <= train.lr_warmup_init <= train.lr or not 0 <= train.min_lr <= train.lr:
+        raise ConfigError(f"need 0 <= --min-lr ({train.min_lr}) and --lr-warmup-init "
+                          f"({train.lr_warmup_init}) <= --lr ({train.lr})")
+    if train.lr_decay_style == "WSD" and not 0 < (s.wsd_decay_steps or 0) <= s.decay_steps:
+        raise ConfigError(f"--lr-decay-style WSD needs --lr-wsd-decay-{unit} between 1 and the "
+                          f"decay length ({s.decay_steps} {unit})")
+    start, end = train.weight_decay_range()
+    if not 0 <= start <= end:
+        raise ConfigError(f"need 0 <= --start-weight-decay ({start}) <= --end-weight-decay "
+                          f"({end})")
+    if train.weight_decay_incr_style == "constant" and start != end:
+        raise ConfigError("--start-weight-decay and --end-weight-decay differ: pass "
+                          "--weight-decay-incr-style linear or cosine")
 
 
 def _dry_run_vocab(model: PathMoEConfig, train: TrainingConfig,
@@ -369,9 +534,7 @@ def validate(model: PathMoEConfig, train: TrainingConfig, world_size: int,
                         ("--eval-iters", train.eval_iters)):
         if value < 1:
             raise ConfigError(f"{flag} must be at least 1")
-    if not 0 <= train.lr_warmup_iters < train.train_iters:
-        raise ConfigError(f"--lr-warmup-iters {train.lr_warmup_iters} must be >= 0 and below "
-                          f"--train-iters {train.train_iters}")
+    _validate_schedule(train)
     if train.save_interval < 0 or (train.keep_last is not None and train.keep_last < 1):
         raise ConfigError("--save-interval must be >= 0 and --keep-last >= 1")
     if train.save_interval and not train.save:

@@ -54,19 +54,25 @@ def _wrap_ddp(models: list[torch.nn.Module], train: TrainingConfig) -> list[Any]
 
 
 def _optimizer_and_scheduler(chunks: list, model_cfg: PathMoEConfig, train: TrainingConfig):
+    """megatron's Adam and OptimizerParamScheduler with Megatron-LM's schedule flags (warmup,
+    decay style incl. WSD, iteration or sample budgets, weight-decay increment)."""
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
     from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
     optimizer = get_megatron_optimizer(
         OptimizerConfig(optimizer="adam", lr=train.lr, min_lr=train.min_lr,
                         weight_decay=train.weight_decay, adam_beta1=train.adam_beta1,
-                        adam_beta2=train.adam_beta2, clip_grad=train.clip_grad,
-                        bf16=model_cfg.bf16, params_dtype=model_cfg.params_dtype,
+                        adam_beta2=train.adam_beta2, adam_eps=train.adam_eps,
+                        clip_grad=train.clip_grad, bf16=model_cfg.bf16,
+                        params_dtype=model_cfg.params_dtype,
                         use_distributed_optimizer=train.use_distributed_optimizer),
         chunks)
+    steps = train.lr_schedule()
+    start_wd, end_wd = train.weight_decay_range()
     scheduler = OptimizerParamScheduler(
-        optimizer, init_lr=0.0, max_lr=train.lr, min_lr=train.min_lr,
-        lr_warmup_steps=train.lr_warmup_iters, lr_decay_steps=train.train_iters,
-        lr_decay_style=train.lr_decay_style, start_wd=train.weight_decay,
-        end_wd=train.weight_decay, wd_incr_steps=train.train_iters, wd_incr_style="constant")
+        optimizer, init_lr=train.lr_warmup_init, max_lr=train.lr, min_lr=train.min_lr,
+        lr_warmup_steps=steps.warmup_steps, lr_decay_steps=steps.decay_steps,
+        lr_decay_style=train.lr_decay_style, start_wd=start_wd, end_wd=end_wd,
+        wd_incr_steps=steps.wd_incr_steps, wd_incr_style=train.weight_decay_incr_style,
+        wsd_decay_steps=steps.wsd_decay_steps, lr_wsd_decay_style=train.lr_wsd_decay_style)
     return optimizer, scheduler

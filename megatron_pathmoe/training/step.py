@@ -55,7 +55,7 @@ def train_step(chunks, optimizer, scheduler, data_iterator, model_cfg: PathMoECo
                           skipped=True)
     updated, grad_norm = _optimizer_step(optimizer, chunks[0].config.timers)
     if updated:
-        scheduler.step(increment=1)
+        scheduler.step(increment=train.lr_schedule().increment)  # samples: a global batch
     return StepResult(loss=loss, grad_norm=float(grad_norm or 0.0),
                       lr=optimizer.param_groups[0]["lr"], skipped=not updated)
 
