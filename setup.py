@@ -72,7 +72,10 @@ EXTRAS = {
     "data": _DATA,
     "hf": _HF,
     "monitoring": _MONITORING,
-    "test": ["pytest>=7", "import-linter==2.17", *_DATA, *_HF, *_MONITORING],  # lint-imports
+    # mistral-common ships a Llama-family SentencePiece .model for the tokenizer tests; 1.8.5 is
+    # the newest that leaves numpy unpinned on Python 3.11 (later ones pin numpy<2.4).
+    "test": ["pytest>=7", "import-linter==2.17", "mistral-common==1.8.5", *_DATA, *_HF,
+             *_MONITORING],  # lint-imports
     # GPU clusters only: transformer-engine raises at import on CPU machines. The range is
     # megatron-core 0.16.1's own (its dev extra: transformer-engine>=2.9.0a0,<2.12.0).
     "gpu": ["transformer-engine[pytorch]>=2.9.0a0,<2.12.0"],

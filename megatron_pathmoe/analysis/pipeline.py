@@ -131,7 +131,7 @@ def analyze_checkpoint(label: str, checkpoint: str, options: AnalysisOptions) ->
     if seq_length > cfg.seq_length:
         raise ValueError(f"--seq-length {seq_length} exceeds the {cfg.seq_length} tokens "
                          f"checkpoint {checkpoint} was trained with")
-    tokenizer = load_tokenizer(run.tokenizer_path)
+    tokenizer = load_tokenizer(run.tokenizer)
     windows = _token_windows(options, tokenizer, seq_length, label)
     directory = recording_dir(options.output_dir, label)
     info = {"label": label, "checkpoint": os.path.abspath(checkpoint),

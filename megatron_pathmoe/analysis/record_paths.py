@@ -114,19 +114,19 @@ def _progress(total: int, enabled: bool):
                 desc="routing tokens")
 
 
-def _count(args: argparse.Namespace, model: torch.nn.Module, cfg, tokenizer_path: str
-           ) -> PathCounts:
+def _count(args: argparse.Namespace, model: torch.nn.Module, cfg, tokenizer) -> PathCounts:
     """Top-1 paths over ``--num-tokens`` tokens of ``--data-path``, over all ranks."""
     from megatron.core import parallel_state as ps
 
-    from megatron_pathmoe.data import build_gpt_datasets, make_data_iterator
+    from megatron_pathmoe.data import build_gpt_datasets, load_tokenizer, make_data_iterator
     from megatron_pathmoe.runtime import is_rank0
 
     dp, dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
     per_step = args.micro_batch_size * dp * cfg.seq_length
     steps = -(-args.num_tokens // per_step)
-    dataset, _ = build_gpt_datasets(args.data_path, None, tokenizer_path, cfg.seq_length,
-                                    args.seed, train_samples=steps * args.micro_batch_size * dp,
+    tokenizer = load_tokenizer(tokenizer)
+    dataset, _ = build_gpt_datasets(args.data_path, None, tokenizer, cfg.seq_length, args.seed,
+                                    train_samples=steps * args.micro_batch_size * dp,
                                     valid_samples=0, split="100,0,0")
     batches = make_data_iterator(dataset, args.micro_batch_size, dp_rank, dp)
     model_device = next(model.parameters()).device
@@ -158,7 +158,7 @@ def record(args: argparse.Namespace) -> str | None:
     with distributed(layout, args.device, seed=args.seed) as device:
         model, run = load_model_for_inference(checkpoint, device, args.permute_impl)
         cfg = run.model
-        counts = _count(args, model, cfg, run.tokenizer_path)
+        counts = _count(args, model, cfg, run.tokenizer)
         if not is_rank0():
             return None
         paths, path_counts = counts.top(args.top_k)

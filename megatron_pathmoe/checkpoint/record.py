@@ -1,6 +1,10 @@
 """The run record (``pathmoe_run.json``) a checkpoint carries beside its tensors: the model
-config, the training settings, the parallel layout and the tokenizer's hash; and whether a
-checkpoint may be resumed by a given model."""
+config, the training settings, the parallel layout and the tokenizer (its type, copies of its
+files and their hashes); and whether a checkpoint may be resumed by a given model and tokenizer.
+
+Tokenizer files are copied into the checkpoint under fixed names (``TOKENIZER_COPY_NAMES``), so
+evaluation, analysis and conversion rebuild the tokenizer from the checkpoint alone. Records
+written before tokenizer types were recorded hold one tokenizer.json and still load."""
 
 from __future__ import annotations
 
@@ -22,6 +26,13 @@ from megatron_pathmoe.checkpoint.layout import (
     write_atomic,
 )
 from megatron_pathmoe.config import PathMoEConfig
+from megatron_pathmoe.data.encoders import (
+    FILE_FLAGS,
+    GPT2_TYPE,
+    HF_TYPE,
+    NULL_TYPE,
+    TokenizerSpec,
+)
 
 FORMAT_NAME = "megatron-pathmoe-checkpoint"
 FORMAT_VERSION = 1
@@ -38,9 +49,20 @@ assert CHANGEABLE_FIELDS <= {f.name for f in dataclasses.fields(PathMoEConfig)},
     "CHANGEABLE_FIELDS names a field PathMoEConfig does not have"
 
 
+# Names of the tokenizer copies inside a checkpoint, by TokenizerSpec field; a tokenizer.json
+# keeps TOKENIZER_FILE, a SentencePiece model is tokenizer.model.
+TOKENIZER_COPY_NAMES = {"vocab_file": "vocab.json", "merge_file": "merges.txt"}
+SPM_COPY_NAME = "tokenizer.model"
+
+
 @dataclass
 class RunConfig:
-    """What ``pathmoe_run.json`` records about the run that wrote a checkpoint."""
+    """What ``pathmoe_run.json`` records about the run that wrote a checkpoint.
+
+    ``tokenizer`` reads the checkpoint's own copies; ``tokenizer_path`` is the copy of its main
+    file ("" for a NullTokenizer); ``tokenizer_sha256`` identifies the tokenizer (for a
+    tokenizer.json the file's hash, else a hash of type, file hashes, EOD and vocabulary size);
+    ``tokenizer_files`` holds the recorded hash of each copy, by spec field."""
 
     model: PathMoEConfig
     iteration: int
@@ -50,16 +72,23 @@ class RunConfig:
     training: dict = field(default_factory=dict)
     parallel: dict = field(default_factory=dict)
     has_optimizer: bool = True
+    tokenizer: TokenizerSpec = field(default_factory=TokenizerSpec)
+    tokenizer_files: dict = field(default_factory=dict)
 
 
 @dataclass
 class CheckpointMeta:
-    """What a save records beyond tensors."""
+    """What a save records beyond tensors: ``tokenizer`` (any type), or else the tokenizer.json
+    at ``tokenizer_path``."""
 
     model: PathMoEConfig
-    tokenizer_path: str
+    tokenizer_path: str = ""
     consumed_samples: int = 0
     training: dict = field(default_factory=dict)
+    tokenizer: TokenizerSpec | None = None
+
+    def tokenizer_spec(self) -> TokenizerSpec:
+        return self.tokenizer or TokenizerSpec(HF_TYPE, self.tokenizer_path)
 
 
 def read_run_config(path: str) -> RunConfig:
@@ -77,13 +106,51 @@ def read_run_config(path: str) -> RunConfig:
     if unknown:
         raise CheckpointError(f"{record_path}: model fields {unknown} are unknown to this "
                               "version of megatron-pathmoe; upgrade it to load this checkpoint")
+    spec, files = _recorded_tokenizer(ckpt, record["tokenizer"])
+    main_copy = spec.vocab_file if spec.tokenizer_type == GPT2_TYPE else spec.tokenizer_model
     return RunConfig(
         model=PathMoEConfig(**record["model"]), iteration=int(record["iteration"]),
-        tokenizer_path=os.path.join(ckpt, TOKENIZER_FILE),
-        tokenizer_sha256=record["tokenizer"]["sha256"],
+        tokenizer_path=main_copy or "", tokenizer_sha256=record["tokenizer"]["sha256"],
         consumed_samples=int(record.get("consumed_samples", 0)),
         training=record.get("training", {}), parallel=record.get("parallel", {}),
-        has_optimizer=bool(record.get("has_optimizer", True)))
+        has_optimizer=bool(record.get("has_optimizer", True)), tokenizer=spec,
+        tokenizer_files=files)
+
+
+def _recorded_tokenizer(ckpt: str, record: dict) -> tuple[TokenizerSpec, dict[str, str]]:
+    """The tokenizer over the checkpoint's copies, and each copy's recorded sha256."""
+    if "type" not in record:  # written before tokenizer types were recorded: a tokenizer.json
+        return (TokenizerSpec(HF_TYPE, os.path.join(ckpt, TOKENIZER_FILE)),
+                {"tokenizer_model": record["sha256"]})
+    files = record.get("files", {})
+    spec = TokenizerSpec(record["type"], eod=record.get("eod"),
+                         vocab_size=record.get("vocab_size"))
+    spec = spec.with_files({name: os.path.join(ckpt, entry["file"])
+                            for name, entry in files.items()})
+    return spec, {name: entry["sha256"] for name, entry in files.items()}
+
+
+def _copy_name(spec: TokenizerSpec, name: str) -> str:
+    if name != "tokenizer_model":
+        return TOKENIZER_COPY_NAMES[name]
+    return TOKENIZER_FILE if spec.tokenizer_type == HF_TYPE else SPM_COPY_NAME
+
+
+def tokenizer_record(spec: TokenizerSpec) -> dict:
+    """The ``tokenizer`` entry of a run record: type, EOD, vocabulary size and, per file, the
+    copy's name, the source path and the sha256."""
+    files = {name: {"file": _copy_name(spec, name), "source": os.path.abspath(path),
+                    "sha256": file_sha256(path)} for name, path in spec.files().items()}
+    record = {"type": spec.tokenizer_type, "eod": spec.eod, "vocab_size": spec.vocab_size,
+              "files": files}
+    if spec.tokenizer_type == HF_TYPE:  # the keys older readers know: the tokenizer.json itself
+        record.update(files["tokenizer_model"])
+    else:
+        identity = json.dumps({k: record[k] for k in ("type", "eod", "vocab_size")} |
+                              {"files": {n: e["sha256"] for n, e in files.items()}},
+                              sort_keys=True)
+        record["sha256"] = hashlib.sha256(identity.encode()).hexdigest()
+    return record
 
 
 def file_sha256(path: str) -> str:
@@ -126,15 +193,64 @@ def run_record(meta: CheckpointMeta, iteration: int, has_optimizer: bool) -> dic
             "has_optimizer": has_optimizer,
             "consumed_samples": meta.consumed_samples, "model": meta.model.to_dict(),
             "training": meta.training, "parallel": current_layout(),
-            "tokenizer": {"file": TOKENIZER_FILE, "source": os.path.abspath(meta.tokenizer_path),
-                          "sha256": file_sha256(meta.tokenizer_path)},
+            "tokenizer": tokenizer_record(meta.tokenizer_spec()),
             "megatron_core": megatron.core.__version__,
             "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
 
 
 def write_run_files(directory: str, meta: CheckpointMeta, iteration: int,
                     has_optimizer: bool) -> None:
-    """The tokenizer copy and the run record of a save (rank 0, before publishing)."""
-    shutil.copyfile(meta.tokenizer_path, os.path.join(directory, TOKENIZER_FILE))
+    """The tokenizer copies and the run record of a save (rank 0, before publishing)."""
+    spec = meta.tokenizer_spec()
+    for name, path in spec.files().items():
+        shutil.copyfile(path, os.path.join(directory, _copy_name(spec, name)))
     write_atomic(os.path.join(directory, RUN_FILE),
                  json.dumps(run_record(meta, iteration, has_optimizer), indent=2))
+
+
+def verify_tokenizer_copies(run: RunConfig, checkpoint: str) -> None:
+    """Every tokenizer copy of the checkpoint is present and has its recorded sha256."""
+    for name, sha in run.tokenizer_files.items():
+        path = getattr(run.tokenizer, name)
+        if not os.path.isfile(path):
+            raise CheckpointError(f"{checkpoint}: its tokenizer copy {path} is missing; the "
+                                  "checkpoint is incomplete")
+        if file_sha256(path) != sha:
+            raise CheckpointError(f"{path} does not match the sha256 recorded in the "
+                                  f"checkpoint's {RUN_FILE} (corrupted copy); restore it from "
+                                  f"the training run's {FILE_FLAGS[name]}")
+
+
+def tokenizer_file_differences(run: RunConfig, given: dict[str, str]) -> list[str]:
+    """For each ``{spec field: path}`` given, why it is not the file the checkpoint's tokenizer
+    was made from (nothing when it is)."""
+    out = []
+    for name, path in given.items():
+        flag = FILE_FLAGS[name]
+        if name not in run.tokenizer_files:
+            out.append(f"{flag} {path}: the checkpoint's {run.tokenizer.tokenizer_type} reads no "
+                       f"{flag}")
+        elif not os.path.isfile(path):
+            out.append(f"{flag} {path!r} does not exist")
+        else:
+            given_sha, saved_sha = file_sha256(path), run.tokenizer_files[name]
+            if given_sha != saved_sha:
+                out.append(f"{flag} {path} (sha256 {given_sha[:12]}) is not the file it was "
+                           f"trained with (sha256 {saved_sha[:12]}, copy at "
+                           f"{getattr(run.tokenizer, name)})")
+    return out
+
+
+def tokenizer_differences(run: RunConfig, spec: TokenizerSpec) -> list[str]:
+    """Why ``spec`` is not the tokenizer the checkpoint was trained with (nothing when it is):
+    type, files, NullTokenizer vocabulary, end-of-document id."""
+    saved = run.tokenizer
+    if spec.tokenizer_type != saved.tokenizer_type:
+        return [f"--tokenizer-type {spec.tokenizer_type} (the checkpoint's: "
+                f"{saved.tokenizer_type})"]
+    out = tokenizer_file_differences(run, spec.files())
+    if spec.vocab_size != saved.vocab_size and spec.tokenizer_type == NULL_TYPE:
+        out.append(f"--vocab-size {spec.vocab_size} (the checkpoint's: {saved.vocab_size})")
+    if not out and spec.load().eod != saved.load().eod:
+        out.append(f"--eod-token {spec.eod!r} (the checkpoint's: {saved.eod!r})")
+    return out

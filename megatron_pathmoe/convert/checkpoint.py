@@ -29,6 +29,8 @@ from megatron_pathmoe.convert.converter import (
 )
 from megatron_pathmoe.convert.errors import ConversionError
 from megatron_pathmoe.convert.shards import canonical_state
+from megatron_pathmoe.convert.tokenizer import write_hf_tokenizer
+from megatron_pathmoe.data.encoders import HF_TYPE, TokenizerSpec
 from megatron_pathmoe.runtime import is_rank0
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -79,13 +81,6 @@ def _prepare_output_dir(output_dir: str, overwrite: bool) -> None:
     os.makedirs(output_dir, exist_ok=True)
 
 
-def _eod(tokenizer_json: str) -> tuple[int, str]:
-    from megatron_pathmoe.data.tokenizer import load_tokenizer
-
-    tokenizer = load_tokenizer(tokenizer_json)
-    return tokenizer.eod, tokenizer.inv_vocab[tokenizer.eod]
-
-
 def _cast(tensors: dict[str, torch.Tensor], dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
     if dtype is None:
         return tensors
@@ -116,26 +111,27 @@ def export_to_hf(checkpoint: str, output_dir: str, *, max_shard_size: str = "5GB
         del model
     if not writer:
         return None
-    write_hf_directory(state, saved.model, output_dir, tokenizer_json=saved.tokenizer_path,
+    write_hf_directory(state, saved.model, output_dir, tokenizer=saved.tokenizer,
                        iteration=saved.iteration, max_shard_bytes=shard_bytes,
                        dtype=DTYPES.get(dtype))
     return output_dir
 
 
 def write_hf_directory(state: dict[str, torch.Tensor], cfg: PathMoEConfig, output_dir: str, *,
-                       tokenizer_json: str, iteration: int | None = None,
+                       tokenizer: TokenizerSpec | str, iteration: int | None = None,
                        max_shard_bytes: int = 5 * 10**9, dtype: torch.dtype | None = None) -> None:
     """Write the Hugging Face directory of a canonical megatron state dict (the directory must
-    exist)."""
+    exist). ``tokenizer``: the checkpoint's (see ``convert/tokenizer.py``), or a tokenizer.json."""
+    if not isinstance(tokenizer, TokenizerSpec):
+        tokenizer = TokenizerSpec(HF_TYPE, tokenizer)
     tensors = _cast(megatron_to_hf(state, cfg), dtype)
-    eod_id, eod_token = _eod(tokenizer_json)
+    eod_id = write_hf_tokenizer(tokenizer, output_dir, cfg.seq_length)
     rows = tensors["model.embed_tokens.weight"].shape[0]
     hf_files.write_json(os.path.join(output_dir, hf_files.CONFIG_FILE), qwen2_moe.hf_config(
         cfg, vocab_rows=rows, eod_id=eod_id,
         dtype=tensors["model.embed_tokens.weight"].dtype, iteration=iteration))
     hf_files.write_json(os.path.join(output_dir, hf_files.GENERATION_CONFIG_FILE),
                         hf_files.generation_config(eod_id))
-    hf_files.write_tokenizer(tokenizer_json, output_dir, eod_token, cfg.seq_length)
     hf_files.write_weights(tensors, output_dir, max_shard_bytes)
 
 

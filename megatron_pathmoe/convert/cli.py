@@ -92,6 +92,11 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     if written:
         print(f"pathmoe-convert: wrote {written}", flush=True)
+    if written and args.command == "to-hf" and not os.path.isfile(
+            os.path.join(written, "tokenizer_config.json")):
+        print("pathmoe-convert: note: the checkpoint's NullTokenizer has no text vocabulary, so "
+              "no tokenizer was written; the model reads and writes token ids (its eos_token_id "
+              "is the end of document)", flush=True)
     return 0
 
 

@@ -19,6 +19,7 @@ GENERATION_CONFIG_FILE = "generation_config.json"
 SINGLE_WEIGHTS_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 TOKENIZER_FILE = "tokenizer.json"
+SPECIAL_TOKEN_KEYS = ("bos_token", "eos_token", "unk_token", "pad_token")
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?i?B)?\s*$", re.IGNORECASE)
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
           "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
@@ -123,10 +124,16 @@ def write_tokenizer(tokenizer_json: str, out_dir: str, eod_token: str,
     """``tokenizer.json`` + ``tokenizer_config.json`` so ``AutoTokenizer`` builds a fast
     tokenizer whose bos/eos/pad token is the end-of-document token."""
     shutil.copyfile(tokenizer_json, os.path.join(out_dir, TOKENIZER_FILE))
-    special = {"bos_token": eod_token, "eos_token": eod_token, "pad_token": eod_token}
+    write_tokenizer_config(out_dir, {"tokenizer_class": "PreTrainedTokenizerFast",
+                                     "bos_token": eod_token, "eos_token": eod_token,
+                                     "pad_token": eod_token}, model_max_length)
+
+
+def write_tokenizer_config(out_dir: str, config: dict[str, Any], model_max_length: int) -> None:
+    """``tokenizer_config.json`` (class and special tokens) + ``special_tokens_map.json``."""
+    special = {k: v for k, v in config.items() if k in SPECIAL_TOKEN_KEYS}
     write_json(os.path.join(out_dir, "tokenizer_config.json"), {
-        "tokenizer_class": "PreTrainedTokenizerFast", **special,
-        "model_max_length": model_max_length, "clean_up_tokenization_spaces": False})
+        **config, "model_max_length": model_max_length, "clean_up_tokenization_spaces": False})
     write_json(os.path.join(out_dir, "special_tokens_map.json"), special)
 
 

@@ -16,10 +16,17 @@ Ids follow Megatron-LM's tokenizers:
   ``encode_as_ids(text)`` without BOS/EOS, EOD is the model's ``</s>`` (eos) id, as Megatron's
   ``GPTSentencePieceTokenizer``. (Megatron's ``SentencePieceTokenizer`` would add extra
   ``<EOD>``/``<MASK>``... ids past the model's vocabulary; that variant is not supported.)
+- ``Llama2Tokenizer``: a SentencePiece ``.model``; every text starts with the model's BOS id
+  (``<s>``), EOD is its eos id, as Megatron's ``_Llama2Tokenizer.tokenize(text)`` (bos=True,
+  eos=False) and ``eod``.
+- ``NullTokenizer``: no file; ``--vocab-size N``. Text is token ids separated by single spaces,
+  EOD is id N and the vocabulary N + 1 ids, as Megatron's ``_NullTokenizer``.
 """
 
 from __future__ import annotations
 
+import argparse
+import dataclasses
 import os
 from dataclasses import dataclass
 from typing import Iterable, Protocol, Sequence
@@ -29,7 +36,12 @@ from megatron_pathmoe.data.errors import DataError
 HF_TYPE = "HuggingFaceTokenizer"
 GPT2_TYPE = "GPT2BPETokenizer"
 SPM_TYPES = ("GPTSentencePieceTokenizer", "SentencePieceTokenizer")
-TOKENIZER_TYPES = (HF_TYPE, GPT2_TYPE) + SPM_TYPES
+LLAMA2_TYPE = "Llama2Tokenizer"
+NULL_TYPE = "NullTokenizer"
+TOKENIZER_TYPES = (HF_TYPE, GPT2_TYPE) + SPM_TYPES + (LLAMA2_TYPE, NULL_TYPE)
+# The spec fields that name files, and their flags.
+FILE_FLAGS = {"tokenizer_model": "--tokenizer-model", "vocab_file": "--vocab-file",
+              "merge_file": "--merge-file"}
 EOD_TOKEN = "<|endoftext|>"
 # Tried in order when a tokenizer.json is given without an explicit EOD token.
 EOD_CANDIDATES = (EOD_TOKEN, "</s>", "<|end_of_text|>", "<eos>")
@@ -55,6 +67,7 @@ class TokenizerSpec:
 
     ``eod``: end-of-document token (string) or id; default: ``<|endoftext|>`` (then ``</s>``,
     ``<|end_of_text|>``, ``<eos>`` for a tokenizer.json), the eos id for SentencePiece.
+    ``vocab_size``: ``--vocab-size`` (NullTokenizer only).
     """
 
     tokenizer_type: str = HF_TYPE
@@ -62,22 +75,44 @@ class TokenizerSpec:
     vocab_file: str | None = None
     merge_file: str | None = None
     eod: str | int | None = None
+    vocab_size: int | None = None
 
     def load(self) -> TextEncoder:
+        files = self.files()
         if self.tokenizer_type == HF_TYPE:
-            return HFEncoder.from_tokenizer_json(
-                self._file("--tokenizer-model", self.tokenizer_model), self.eod)
+            return HFEncoder.from_tokenizer_json(files["tokenizer_model"], self.eod)
         if self.tokenizer_type == GPT2_TYPE:
-            vocab = self._file("--vocab-file", self.vocab_file)
-            merges = self._file("--merge-file", self.merge_file)
-            return HFEncoder.from_gpt2_files(vocab, merges, self.eod)
+            return HFEncoder.from_gpt2_files(files["vocab_file"], files["merge_file"], self.eod)
         if self.tokenizer_type in SPM_TYPES:
-            return SentencePieceEncoder(self._file("--tokenizer-model", self.tokenizer_model),
-                                        self.eod)
-        raise DataError(
-            f"--tokenizer-type {self.tokenizer_type!r} is not supported; choose one of "
-            f"{', '.join(TOKENIZER_TYPES)}"
-        )
+            return SentencePieceEncoder(files["tokenizer_model"], self.eod)
+        if self.tokenizer_type == LLAMA2_TYPE:
+            return Llama2Encoder(files["tokenizer_model"], self.eod)
+        return NullEncoder(self.vocab_size, self.eod)
+
+    def files(self) -> dict[str, str]:
+        """The files this type reads, by spec field (a tokenizer.json folder resolved to the
+        file); raises ``DataError`` naming the flag of a missing one."""
+        if self.tokenizer_type not in TOKENIZER_TYPES:
+            raise DataError(
+                f"--tokenizer-type {self.tokenizer_type!r} is not supported; choose one of "
+                f"{', '.join(TOKENIZER_TYPES)}")
+        if self.tokenizer_type == NULL_TYPE:
+            return {}
+        names = (("vocab_file", "merge_file") if self.tokenizer_type == GPT2_TYPE
+                 else ("tokenizer_model",))
+        return {name: self._file(FILE_FLAGS[name], getattr(self, name)) for name in names}
+
+    def with_files(self, files: dict[str, str]) -> "TokenizerSpec":
+        """The same tokenizer read from other copies of its files (e.g. a checkpoint's)."""
+        return dataclasses.replace(self, **files)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, record: dict) -> "TokenizerSpec":
+        return cls(**{f.name: record.get(f.name) for f in dataclasses.fields(cls)
+                      if f.name in record})
 
     def _file(self, flag: str, path: str | None) -> str:
         if not path:
@@ -103,16 +138,22 @@ def add_tokenizer_arguments(group) -> None:
     group.add_argument("--merge-file", help="GPT-2 merges.txt (GPT2BPETokenizer)")
     group.add_argument("--eod-token", help="end-of-document token or id (default: <|endoftext|>, "
                                            "</s>, <|end_of_text|>, <eos>; the SentencePiece eos)")
+    # Absent unless given, so a command line that shares its namespace with PathMoEConfig's
+    # fields (pathmoe-pretrain) never sets the model's vocabulary to None.
+    group.add_argument("--vocab-size", type=int, default=argparse.SUPPRESS,
+                       help="NullTokenizer: ids below N are tokens, N is the end of document "
+                            "(vocabulary N + 1)")
 
 
 def spec_from_arguments(args) -> TokenizerSpec | None:
     """The ``TokenizerSpec`` the flags of ``add_tokenizer_arguments`` name; None when no file is
-    given."""
-    if not (args.tokenizer_model or args.vocab_file or args.merge_file):
+    given (a NullTokenizer needs none)."""
+    if not (args.tokenizer_model or args.vocab_file or args.merge_file
+            or args.tokenizer_type == NULL_TYPE):
         return None
     eod = int(args.eod_token) if args.eod_token and args.eod_token.isdigit() else args.eod_token
     return TokenizerSpec(args.tokenizer_type, args.tokenizer_model, args.vocab_file,
-                         args.merge_file, eod)
+                         args.merge_file, eod, getattr(args, "vocab_size", None))
 
 
 def tokenizer_file_error(flag: str, path: str, reason: str) -> DataError:
@@ -179,6 +220,10 @@ class HFEncoder:
     def vocab(self) -> dict[str, int]:
         return self._tok.get_vocab(with_added_tokens=True)
 
+    def save_json(self, path: str) -> None:
+        """Write the tokenizer as a Hugging Face tokenizer.json (same ids)."""
+        self._tok.save(path)
+
 
 def _eod_id(token_to_id, path: str, eod: str | int | None, flag: str) -> int:
     if isinstance(eod, int):
@@ -239,6 +284,58 @@ class SentencePieceEncoder:
 
     def vocab(self) -> dict[str, int]:
         return {self._sp.id_to_piece(i): i for i in range(self.vocab_size)}
+
+
+class Llama2Encoder(SentencePieceEncoder):
+    """Megatron's ``Llama2Tokenizer``: the model's BOS id starts every text; EOD is its eos."""
+
+    def __init__(self, path: str, eod: str | int | None = None) -> None:
+        super().__init__(path, eod)
+        self.bos = self._sp.bos_id()
+        if self.bos < 0:
+            raise DataError(f"SentencePiece model {path!r} (from --tokenizer-model) has no bos "
+                            "piece, which --tokenizer-type Llama2Tokenizer puts before every "
+                            "text; use GPTSentencePieceTokenizer")
+
+    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
+        return [[self.bos] + ids for ids in super().encode_batch(texts)]
+
+
+class NullEncoder:
+    """Megatron's ``NullTokenizer``: text is token ids separated by single spaces; ids below
+    ``--vocab-size`` N are tokens, N is the end of document, so the vocabulary is N + 1."""
+
+    def __init__(self, vocab_size: int | None, eod: str | int | None = None) -> None:
+        if vocab_size is None or vocab_size < 1:
+            raise DataError("--tokenizer-type NullTokenizer needs --vocab-size N (N >= 1: the "
+                            "number of token ids; N itself is the end of document)")
+        if eod is not None and eod != vocab_size:
+            raise DataError(f"--eod-token {eod!r}: a NullTokenizer's end of document is "
+                            f"--vocab-size ({vocab_size}); drop --eod-token")
+        self.name = f"NullTokenizer(vocab_size={vocab_size})"
+        self.eod = vocab_size
+        self.vocab_size = vocab_size + 1
+
+    def _ids(self, text: str) -> list[int]:
+        try:
+            ids = [int(x) for x in text.split(" ")]
+        except ValueError:
+            raise DataError("NullTokenizer reads token ids separated by single spaces; this "
+                            f"text is not ({text[:40]!r})") from None
+        bad = [i for i in ids if not 0 <= i < self.vocab_size]
+        if bad:
+            raise DataError(f"token id {bad[0]} is outside the NullTokenizer's vocabulary "
+                            f"(--vocab-size {self.eod}: ids 0..{self.eod})")
+        return ids
+
+    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
+        return [self._ids(text) for text in texts]
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return " ".join(str(int(i)) for i in ids)
+
+    def vocab(self) -> dict[str, int]:
+        return {str(i): i for i in range(self.vocab_size)}
 
 
 def as_int_list(ids: Iterable[int]) -> list[int]:

@@ -14,6 +14,7 @@ import os
 import sys
 import time
 
+from megatron_pathmoe.data.encoders import FILE_FLAGS, TokenizerSpec
 from megatron_pathmoe.eval.tasks import PAPER_TASKS, TASKS, UNAVAILABLE
 from megatron_pathmoe.ops import PERMUTE_IMPLS
 from megatron_pathmoe.platform import DEVICE_CHOICES
@@ -57,6 +58,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--tokenizer-model", default=None,
                    help="optional check: must be the tokenizer the checkpoint was trained with "
                         "(the checkpoint's own copy is always used)")
+    g.add_argument("--vocab-file", default=None,
+                   help="optional check (GPT2BPETokenizer), like --tokenizer-model")
+    g.add_argument("--merge-file", default=None,
+                   help="optional check (GPT2BPETokenizer), like --tokenizer-model")
+    g.add_argument("--vocab-size", type=int, default=None,
+                   help="optional check (NullTokenizer): the checkpoint's --vocab-size")
     g.add_argument("--max-length", type=int, default=None,
                    help="longest input before context is cut from the left (None: the "
                         "checkpoint's --seq-length)")
@@ -78,29 +85,28 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def check_tokenizer(run, tokenizer_model: str | None, checkpoint: str) -> str:
-    """The checkpoint's tokenizer file, after checking it and an optional user-given one."""
-    from megatron_pathmoe.checkpoint import CheckpointError, file_sha256
+def check_tokenizer(run, args: argparse.Namespace, checkpoint: str) -> TokenizerSpec:
+    """The checkpoint's tokenizer (over its own copies), after checking the copies and any
+    tokenizer flag given against them."""
+    from megatron_pathmoe.checkpoint.record import (
+        tokenizer_file_differences,
+        verify_tokenizer_copies,
+    )
 
-    own = run.tokenizer_path
-    if not os.path.isfile(own):
-        raise CheckpointError(f"{checkpoint}: its tokenizer copy {own} is missing; the "
-                              "checkpoint is incomplete")
-    if file_sha256(own) != run.tokenizer_sha256:
-        raise CheckpointError(f"{own} does not match the sha256 recorded in the checkpoint's "
-                              "pathmoe_run.json (corrupted copy); restore it from the training "
-                              "run's --tokenizer-model")
-    if tokenizer_model is not None:
-        if not os.path.isfile(tokenizer_model):
-            raise TokenizerMismatchError(f"--tokenizer-model {tokenizer_model!r} does not exist")
-        given = file_sha256(tokenizer_model)
-        if given != run.tokenizer_sha256:
-            raise TokenizerMismatchError(
-                f"tokenizer mismatch: --tokenizer-model {tokenizer_model} (sha256 {given[:12]}) "
-                f"is not the tokenizer checkpoint {checkpoint} was trained with (sha256 "
-                f"{run.tokenizer_sha256[:12]}, copy at {own}); drop --tokenizer-model to use "
-                "the checkpoint's")
-    return own
+    verify_tokenizer_copies(run, checkpoint)
+    given = {name: getattr(args, name) for name in FILE_FLAGS if getattr(args, name) is not None}
+    differences = tokenizer_file_differences(run, given)
+    saved = run.tokenizer
+    if args.vocab_size is not None and args.vocab_size != saved.vocab_size:
+        differences.append(f"--vocab-size {args.vocab_size} (the checkpoint's "
+                           f"{saved.tokenizer_type}: {saved.vocab_size})")
+    if differences:
+        flags = "/".join([FILE_FLAGS[name] for name in given] +
+                         ["--vocab-size"] * (args.vocab_size is not None))
+        raise TokenizerMismatchError(
+            f"tokenizer mismatch with checkpoint {checkpoint}: {'; '.join(differences)}; drop "
+            f"{flags} to use the checkpoint's own tokenizer")
+    return saved
 
 
 def _prepare(args: argparse.Namespace):
@@ -120,7 +126,7 @@ def _prepare(args: argparse.Namespace):
         validate_data_prefix(prefix, "--valid-data-path")
     checkpoint = resolve_checkpoint_dir(args.load)
     run = read_run_config(checkpoint)
-    tokenizer = load_tokenizer(check_tokenizer(run, args.tokenizer_model, checkpoint))
+    tokenizer = load_tokenizer(check_tokenizer(run, args, checkpoint))
     if tokenizer.vocab_size != run.model.vocab_size:
         raise ValueError(f"{checkpoint}: the model's vocabulary ({run.model.vocab_size}) is not "
                          f"its tokenizer's ({tokenizer.vocab_size})")

@@ -17,7 +17,11 @@ from megatron_pathmoe.config import (
     ConfigError,
     PathMoEConfig,
 )
-from megatron_pathmoe.data.encoders import TokenizerSpec, add_tokenizer_arguments
+from megatron_pathmoe.data.encoders import (
+    TokenizerSpec,
+    add_tokenizer_arguments,
+    spec_from_arguments,
+)
 from megatron_pathmoe.monitoring import MonitoringConfig, add_monitoring_args
 from megatron_pathmoe.ops import PERMUTE_IMPLS
 from megatron_pathmoe.platform import DEVICE_CHOICES
@@ -100,6 +104,7 @@ class TrainingConfig:
     vocab_file: str | None = None
     merge_file: str | None = None
     eod_token: str | None = None
+    vocab_size: int | None = None  # --vocab-size (NullTokenizer)
     data_cache_path: str | None = None
     device: str = "auto"
     transformer_impl: str | None = None  # None: platform.gpu.default_transformer_impl(device)
@@ -122,7 +127,8 @@ class TrainingConfig:
         """The tokenizer the ``--tokenizer-*``, ``--vocab-file``, ``--merge-file`` flags name."""
         eod = self.eod_token
         return TokenizerSpec(self.tokenizer_type, self.tokenizer_model or None, self.vocab_file,
-                             self.merge_file, int(eod) if eod and eod.isdigit() else eod)
+                             self.merge_file, int(eod) if eod and eod.isdigit() else eod,
+                             self.vocab_size)
 
     def lr_schedule(self) -> LRSchedule:
         """The scheduler's warmup, decay and weight-decay steps (Megatron-LM's
@@ -414,7 +420,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[PathMoEConfig, TrainingCo
         parser.error(str(err))
     model, train = _pick(PathMoEConfig, ns), _pick(TrainingConfig, ns)
     train.tokenizer_model = ns.tokenizer_model or ""
-    has_tokenizer = bool(ns.tokenizer_model or ns.vocab_file)
+    has_tokenizer = spec_from_arguments(ns) is not None
     missing = [flag for flag, value in (("--data-path", ns.data_path),
                                         ("--tokenizer-model", has_tokenizer)) if not value]
     if missing and not ns.dry_run:
@@ -506,7 +512,7 @@ def _dry_run_vocab(model: PathMoEConfig, train: TrainingConfig,
     """A dry run takes the vocabulary from the tokenizer when given, else from the flag."""
     from megatron_pathmoe.data import load_tokenizer
 
-    if train.tokenizer_model or train.vocab_file:
+    if train.tokenizer_model or train.vocab_file or train.vocab_size:
         return model.replace(vocab_size=load_tokenizer(train.tokenizer_spec()).vocab_size)
     if vocab_size is not None and vocab_size > 0:
         return model.replace(vocab_size=vocab_size)
@@ -542,7 +548,7 @@ def validate(model: PathMoEConfig, train: TrainingConfig, world_size: int,
     if not check_data:
         return model
     if train.load:
-        check_resumable(train.load, model, train.tokenizer_model)
+        check_resumable(train.load, model, train.tokenizer_spec())
     parse_blend(train.data_path, "--data-path")  # checks every .bin/.idx exists
     if train.valid_data_path:
         parse_blend(train.valid_data_path, "--valid-data-path")

@@ -10,6 +10,7 @@ import os
 from dataclasses import dataclass, fields
 
 from megatron_pathmoe.config import ConfigError, PathMoEConfig
+from megatron_pathmoe.data.encoders import TokenizerSpec
 
 CKPT_FORMATS = ("torch_dist",)  # --ckpt-format: the one megatron-core dist checkpointing writes
 
@@ -66,16 +67,17 @@ def validate_cluster(cluster: ClusterConfig) -> None:
     """Checks that need no process group; raises ``ConfigError`` naming the flag."""
 
 
-def check_resumable(path: str, model: PathMoEConfig, tokenizer_model: str) -> None:
+def check_resumable(path: str, model: PathMoEConfig, tokenizer: TokenizerSpec) -> None:
     """Fail before launch when --load names no usable checkpoint, a different model or a
     different tokenizer."""
-    from megatron_pathmoe.checkpoint import check_compatible, file_sha256, read_run_config
+    from megatron_pathmoe.checkpoint import check_compatible, read_run_config
+    from megatron_pathmoe.checkpoint.record import tokenizer_differences
 
 
     saved = read_run_config(path)
-    if os.path.isfile(tokenizer_model) and file_sha256(tokenizer_model) != saved.tokenizer_sha256:
-        raise ConfigError(f"--tokenizer-model {tokenizer_model} differs from the tokenizer the "
-                          f"--load checkpoint was trained with ({saved.tokenizer_path}); use that "
-                          "file")
+    differences = tokenizer_differences(saved, tokenizer)
+    if differences:
+        raise ConfigError(f"--load {path} was trained with another tokenizer: "
+                          f"{'; '.join(differences)}; use the checkpoint's tokenizer")
     probe = model.replace(vocab_size=saved.model.vocab_size)  # vocab comes from the tokenizer
     check_compatible(saved.model, probe, f"--load {path}")

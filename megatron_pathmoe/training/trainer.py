@@ -173,7 +173,7 @@ class Trainer:
         train = self.train_cfg
         log(f"saving checkpoint at iteration {iteration} to {train.save}")
         t0 = time.perf_counter()
-        meta = CheckpointMeta(model=self.model_cfg, tokenizer_path=train.tokenizer_model,
+        meta = CheckpointMeta(model=self.model_cfg, tokenizer=train.tokenizer_spec(),
                               consumed_samples=self.consumed_samples,
                               training=dataclasses.asdict(train))
         path = save_checkpoint(train.save, iteration, self.chunks, self.optimizer,

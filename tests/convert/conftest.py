@@ -56,7 +56,7 @@ def export_model(model: torch.nn.Module, cfg: PathMoEConfig, out_dir: str, **kwa
     from megatron_pathmoe.convert.shards import canonical_state
 
     os.makedirs(out_dir, exist_ok=True)
-    write_hf_directory(canonical_state(model, cfg), cfg, out_dir, tokenizer_json=TOKENIZER,
+    write_hf_directory(canonical_state(model, cfg), cfg, out_dir, tokenizer=TOKENIZER,
                        **kwargs)
     return out_dir
 
