@@ -23,6 +23,16 @@ BLOCK_ROUTING_DEFAULT_BLOCK = {"path": 4, "mono": 4, "xmoe": 1}
 SCORE_FUNCTION_CHOICES = ("softmax", "sigmoid")
 POSITION_EMBEDDING_CHOICES = ("rope", "none")
 DISPATCHER_CHOICES = ("alltoall", "allgather")
+# megatron-core 0.16.1's router options (Megatron-LM's --moe-router-* choices that fit here).
+LOAD_BALANCING_CHOICES = ("aux_loss", "seq_aux_loss", "global_aux_loss", "none")
+ROUTER_DTYPE_CHOICES = ("fp32", "fp64")
+TOKEN_DROP_POLICY_CHOICES = ("probs", "position")
+RECOMPUTE_GRANULARITY_CHOICES = ("full", "selective")
+RECOMPUTE_METHOD_CHOICES = ("uniform", "block")
+# --recompute-modules that do something in this model: core_attn (attention scores), layernorm
+# (the two RMSNorms; transformer-engine only, see _validate_recompute), moe (the whole MoE
+# layer, router included).
+RECOMPUTE_MODULE_CHOICES = ("core_attn", "layernorm", "moe")
 
 
 class ConfigError(ValueError):
@@ -64,6 +74,25 @@ class PathMoEConfig:
     # moe_router_bias_update_rate towards balance after every global batch; needs sigmoid scores.
     moe_router_enable_expert_bias: bool = False
     moe_router_bias_update_rate: float = 1e-3
+    # Megatron-LM's default type: with --moe-aux-loss-coeff 0 (our default) no aux loss, so a
+    # positive coefficient alone means aux_loss (the shorthand); 'none' turns any type off.
+    moe_router_load_balancing_type: str = "aux_loss"
+    # Routing math dtype (Megatron-LM's None, the input dtype, is not offered: bf16 routing).
+    moe_router_dtype: str = "fp32"
+    # Token dropping (None: dropless). Applied after routing, so it never changes a router's
+    # decision, only which routed tokens an expert processes.
+    moe_expert_capacity_factor: float | None = None
+    moe_pad_expert_input_to_capacity: bool = False
+    moe_token_drop_policy: str = "probs"
+    # transformer-engine kernels (GPU): grouped expert GEMM, fused permutation.
+    moe_grouped_gemm: bool = False
+    moe_permute_fusion: bool = False
+
+    # Activation recomputation (megatron-core's TransformerConfig fields).
+    recompute_granularity: str | None = None
+    recompute_method: str | None = None
+    recompute_num_layers: int | None = None
+    recompute_modules: list[str] | None = None  # selective; None: megatron's ["core_attn"]
 
     # Routing variant.
     routing: str = "path"
@@ -109,6 +138,9 @@ class PathMoEConfig:
         _require(self.moe_token_dispatcher_type in DISPATCHER_CHOICES,
                  f"--moe-token-dispatcher-type must be one of {', '.join(DISPATCHER_CHOICES)}")
         self._validate_routing()
+        self._validate_capacity()
+        self._validate_te_kernels()
+        self._validate_recompute()
         self._validate_parallel(world_size)
         return self.replace(path_block_size=self.block_size)
 
@@ -196,6 +228,83 @@ class PathMoEConfig:
                  or self.moe_router_score_function == "sigmoid",
                  "--moe-router-topk 1 with softmax scores needs --moe-router-pre-softmax (a "
                  "softmax over the one selected logit is constant and passes no gradient)")
+        _require(self.moe_router_load_balancing_type in LOAD_BALANCING_CHOICES,
+                 f"--moe-router-load-balancing-type {self.moe_router_load_balancing_type!r}: "
+                 f"choose one of {', '.join(LOAD_BALANCING_CHOICES)}")
+        _require(self.moe_router_dtype in ROUTER_DTYPE_CHOICES,
+                 f"--moe-router-dtype must be one of {', '.join(ROUTER_DTYPE_CHOICES)}")
+
+    def _validate_capacity(self) -> None:
+        """Megatron-LM's rules for token dropping."""
+        factor = self.moe_expert_capacity_factor
+        _require(factor is None or factor > 0,
+                 f"--moe-expert-capacity-factor {factor} must be > 0 (leave it out: dropless)")
+        _require(self.moe_token_drop_policy in TOKEN_DROP_POLICY_CHOICES,
+                 f"--moe-token-drop-policy must be one of {', '.join(TOKEN_DROP_POLICY_CHOICES)}")
+        _require(not self.moe_pad_expert_input_to_capacity or factor is not None,
+                 "--moe-pad-expert-input-to-capacity needs --moe-expert-capacity-factor")
+
+    def _validate_te_kernels(self) -> None:
+        """Kernels only transformer-engine provides: refused where it cannot be imported."""
+        for flag, on, instead in (
+                ("--moe-grouped-gemm", self.moe_grouped_gemm,
+                 "leave it out: the local spec runs the experts one GEMM each (SequentialMLP)"),
+                ("--moe-permute-fusion", self.moe_permute_fusion,
+                 "leave it out: --permute-impl auto (this project's permutation) applies")):
+            _require(not on or _transformer_engine_importable(),
+                     f"{flag} needs transformer-engine (a GPU machine), which does not import "
+                     f"here; {instead}")
+
+    def _validate_recompute(self) -> None:
+        """Megatron-LM's recompute rules, plus what routing state across layers allows."""
+        gran, method, n = (self.recompute_granularity, self.recompute_method,
+                           self.recompute_num_layers)
+        _require(gran in (None, *RECOMPUTE_GRANULARITY_CHOICES),
+                 "--recompute-granularity must be one of "
+                 f"{', '.join(RECOMPUTE_GRANULARITY_CHOICES)}")
+        _require(method in (None, *RECOMPUTE_METHOD_CHOICES),
+                 f"--recompute-method must be one of {', '.join(RECOMPUTE_METHOD_CHOICES)}")
+        if gran == "full":
+            _require(method is not None,
+                     "--recompute-granularity full needs --recompute-method uniform or block")
+            per_stage = self.num_layers // self.pipeline_model_parallel_size
+            _require(n is not None and 1 <= n <= per_stage,
+                     f"--recompute-granularity full needs --recompute-num-layers between 1 and "
+                     f"the {per_stage} layers per pipeline stage")
+        else:
+            _require(method is None and n is None,
+                     "--recompute-method and --recompute-num-layers need "
+                     "--recompute-granularity full")
+        modules = self.recompute_modules
+        if modules is not None:
+            _require(gran == "selective",
+                     "--recompute-modules needs --recompute-granularity selective")
+            bad = [m for m in modules if m not in RECOMPUTE_MODULE_CHOICES]
+            _require(not bad,
+                     f"--recompute-modules {' '.join(bad)}: not available in this model (moe_act "
+                     "needs --moe-grouped-gemm, mlp/shared_experts/mla_up_proj have no module "
+                     f"here); choose from {', '.join(RECOMPUTE_MODULE_CHOICES)}")
+            _require("layernorm" not in modules or _transformer_engine_importable(),
+                     "--recompute-modules layernorm needs transformer-engine (megatron-core "
+                     "0.16.1's CheckpointWithoutOutput reads TE's FP8 state), which does not "
+                     "import here; recompute core_attn and/or moe instead")
+        reruns_router = gran == "full" or (gran == "selective" and "moe" in (modules or ()))
+        carried = self._routing_state_across_layers()
+        _require(not (reruns_router and carried),
+                 f"--recompute-granularity {gran}"
+                 f"{' --recompute-modules moe' if gran == 'selective' else ''} re-runs the router "
+                 f"of single layers, but {carried} hands routing state from layer to layer; "
+                 "recompute core_attn/layernorm only (--recompute-granularity selective)")
+
+    def _routing_state_across_layers(self) -> str | None:
+        """What makes one layer's routing depend on an earlier layer's forward, if anything."""
+        if self.routing == "recurrent":
+            return "--routing recurrent (its GRU state)"
+        if self.routing == "mono" and self.block_size > 1:
+            return "--routing mono (the block's first decision)"
+        if self.moe_path_restriction is not None:
+            return "--moe-path-restriction (the paths a token can still follow)"
+        return None
 
     def _validate_variant_options(self) -> None:
         _require(self.xmoe_dim >= 1, "--xmoe-dim must be at least 1")
@@ -293,7 +402,6 @@ class PathMoEConfig:
         """The megatron-core ``TransformerConfig`` for this model."""
         from megatron.core.transformer.transformer_config import TransformerConfig
 
-        aux = self.moe_aux_loss_coeff > 0
         return TransformerConfig(
             num_layers=self.num_layers,
             hidden_size=self.hidden_size,
@@ -333,16 +441,24 @@ class PathMoEConfig:
             moe_ffn_hidden_size=self.moe_ffn_hidden_size,
             moe_router_topk=self.moe_router_topk,
             moe_router_pre_softmax=self.moe_router_pre_softmax,
-            moe_router_load_balancing_type="aux_loss" if aux else "none",
+            moe_router_load_balancing_type=self.moe_router_load_balancing_type,
             moe_aux_loss_coeff=self.moe_aux_loss_coeff,
             moe_z_loss_coeff=self.moe_z_loss_coeff,
             moe_token_dispatcher_type=self.moe_token_dispatcher_type,
             moe_router_score_function=self.moe_router_score_function,
             moe_router_enable_expert_bias=self.moe_router_enable_expert_bias,
             moe_router_bias_update_rate=self.moe_router_bias_update_rate,
-            moe_router_dtype="fp32",
-            moe_grouped_gemm=False,
-            moe_permute_fusion=False,
+            moe_router_dtype=self.moe_router_dtype,
+            moe_expert_capacity_factor=self.moe_expert_capacity_factor,
+            moe_pad_expert_input_to_capacity=self.moe_pad_expert_input_to_capacity,
+            moe_token_drop_policy=self.moe_token_drop_policy,
+            moe_grouped_gemm=self.moe_grouped_gemm,
+            moe_permute_fusion=self.moe_permute_fusion,
+            recompute_granularity=self.recompute_granularity,
+            recompute_method=self.recompute_method,
+            recompute_num_layers=self.recompute_num_layers,
+            recompute_modules=(list(self.recompute_modules)
+                               if self.recompute_modules is not None else None),
             moe_router_fusion=False,
             # Per-layer logging needs a layer number; keep megatron's own tracker.
             moe_per_layer_logging=True,
@@ -359,6 +475,12 @@ class PathMoEConfig:
 def _require(condition: bool, message: str) -> None:
     if not condition:
         raise ConfigError(message)
+
+
+def _transformer_engine_importable() -> bool:
+    from megatron_pathmoe.platform.gpu import transformer_engine_importable
+
+    return transformer_engine_importable()
 
 
 def _divisors(n: int) -> str:

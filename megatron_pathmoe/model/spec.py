@@ -12,7 +12,7 @@ from megatron.core.transformer.transformer_block import (
     get_num_layers_to_build,
 )
 
-from megatron_pathmoe.config import PathMoEConfig
+from megatron_pathmoe.config import ConfigError, PathMoEConfig
 from megatron_pathmoe.model.norm import RMSNorm
 from megatron_pathmoe.platform.profiling import RANGE_EXPERT_COMPUTE, profile_range
 from megatron_pathmoe.routing import build_router_builder
@@ -28,14 +28,20 @@ def transformer_engine_available() -> bool:
 
 def moe_layer_spec(config: PathMoEConfig, use_transformer_engine: bool = False) -> ModuleSpec:
     """One decoder layer: attention (RoPE, GQA), RMSNorm, MoE with SwiGLU experts, and the
-    router selected by ``config.routing`` plugged in at ``MoESubmodules.router``."""
+    router selected by ``config.routing`` plugged in at ``MoESubmodules.router``. The experts
+    are megatron's ``SequentialMLP`` (one GEMM per expert), or with ``--moe-grouped-gemm``
+    transformer-engine's ``TEGroupedMLP``."""
+    if config.moe_grouped_gemm and not use_transformer_engine:
+        raise ConfigError("--moe-grouped-gemm needs --transformer-impl transformer_engine (the "
+                          "local spec's grouped GEMM needs the GPU-only grouped_gemm package); "
+                          "drop the flag to run the experts one by one")
     if use_transformer_engine:
         from megatron.core.models.gpt.gpt_layer_specs import (
             get_gpt_layer_with_transformer_engine_spec,
         )
 
         spec = get_gpt_layer_with_transformer_engine_spec(
-            num_experts=config.num_experts, moe_grouped_gemm=True)
+            num_experts=config.num_experts, moe_grouped_gemm=config.moe_grouped_gemm)
     else:
         from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 

@@ -202,9 +202,14 @@ class PathMoERouter(TopKRouter):
             f"--routing {self.variant} (layer {self.layer_number}) cannot be exported as a "
             f"linear gate (logits = x @ W.T): {why}")
 
-    def fp32(self, tensor: torch.Tensor) -> torch.Tensor:
-        """Routing math runs in fp32 (``moe_router_dtype='fp32'``) whatever the params dtype."""
-        return tensor.to(torch.float32)
+    @property
+    def router_dtype(self) -> torch.dtype:
+        """``--moe-router-dtype``: the routing math's dtype whatever the params dtype, as
+        megatron's own gating uses it."""
+        return torch.float64 if self.config.moe_router_dtype == "fp64" else torch.float32
+
+    def to_router_dtype(self, tensor: torch.Tensor) -> torch.Tensor:
+        return tensor.to(self.router_dtype)
 
 
 class RouterBuilder:

@@ -43,11 +43,11 @@ class LowRankRouter(BlockSharedRouter):
         logits = super().gating(input)
         if not self.rank:
             return logits
-        low = F.linear(self.fp32(input), self.fp32(self.lowrank_b))
-        return logits + F.linear(low, self.fp32(self.lowrank_a))
+        low = F.linear(self.to_router_dtype(input), self.to_router_dtype(self.lowrank_b))
+        return logits + F.linear(low, self.to_router_dtype(self.lowrank_a))
 
     def export_gate_weight(self) -> torch.Tensor:
         weight = super().export_gate_weight()
         if self.rank:
-            weight += self.fp32(self.lowrank_a.detach()) @ self.fp32(self.lowrank_b.detach())
+            weight += self.lowrank_a.detach().float() @ self.lowrank_b.detach().float()
         return weight

@@ -12,7 +12,7 @@ handed from layer to layer in-process, so every layer must sit on one pipeline s
 validation refuses ``--pipeline-model-parallel-size > 1`` (the state would have to travel with
 the activations between stages). With sequence parallelism each TP rank carries the state of
 its own tokens. The GRU follows PyTorch's ``GRUCell`` equations and initialisation; its maths
-runs in fp32 whatever the params dtype.
+runs in ``--moe-router-dtype`` (fp32 or fp64) whatever the params dtype.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ _STATE_KEY = "recurrent.state"
 
 
 class SharedGRUCell(torch.nn.Module):
-    """A GRU cell (PyTorch ``GRUCell`` equations) computing in fp32."""
+    """A GRU cell (PyTorch ``GRUCell`` equations) computing in its input's dtype."""
 
     def __init__(self, size: int, new_parameter: Any) -> None:
         super().__init__()
@@ -39,7 +39,7 @@ class SharedGRUCell(torch.nn.Module):
             setattr(self, name, new_parameter(torch.empty(shape).uniform_(-bound, bound)))
 
     def forward(self, inputs: torch.Tensor, state: torch.Tensor | None) -> torch.Tensor:
-        w_ih, w_hh, b_ih, b_hh = (p.float() for p in
+        w_ih, w_hh, b_ih, b_hh = (p.to(inputs.dtype) for p in
                                   (self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh))
         if state is None:
             state = inputs.new_zeros(inputs.shape[0], w_hh.shape[1])
@@ -74,7 +74,8 @@ class RecurrentRouter(PathMoERouter):
     def gating(self, input: torch.Tensor) -> torch.Tensor:
         seq, batch = input.shape[:2]
         tokens = seq * batch
-        projected = F.linear(self.fp32(input), self.fp32(self.weight_in)).reshape(tokens, -1)
+        projected = F.linear(self.to_router_dtype(input),
+                             self.to_router_dtype(self.weight_in)).reshape(tokens, -1)
         previous = None
         if self.layer_number > 1:
             previous = self._build.carry.get(
@@ -83,7 +84,7 @@ class RecurrentRouter(PathMoERouter):
         state = self.gru(projected, previous)
         if self.layer_number < self.pathmoe_config.num_layers:
             self._build.carry.put(_STATE_KEY, state)
-        return F.linear(state, self.fp32(self.weight_out)).reshape(seq, batch, -1)
+        return F.linear(state, self.to_router_dtype(self.weight_out)).reshape(seq, batch, -1)
 
     def export_gate_weight(self) -> torch.Tensor:
         raise self.export_error("logits depend on a GRU state carried from the previous "

@@ -47,12 +47,13 @@ class XMoERouter(BlockSharedRouter):
 
     def temperature(self) -> torch.Tensor:
         low, high = self.temperature_bounds
-        return low + (high - low) * torch.sigmoid(self.fp32(self.temperature_logit))
+        return low + (high - low) * torch.sigmoid(self.to_router_dtype(self.temperature_logit))
 
     def gating(self, input: torch.Tensor) -> torch.Tensor:
-        tokens = F.normalize(F.linear(self.fp32(input), self.fp32(self.projection)),
+        tokens = F.normalize(F.linear(self.to_router_dtype(input),
+                                      self.to_router_dtype(self.projection)),
                              dim=-1, eps=_NORM_EPS)
-        experts = F.normalize(self.fp32(self.expert_embeddings), dim=-1, eps=_NORM_EPS)
+        experts = F.normalize(self.to_router_dtype(self.expert_embeddings), dim=-1, eps=_NORM_EPS)
         return F.linear(tokens, experts) / self.temperature()
 
     def export_gate_weight(self) -> torch.Tensor:

@@ -38,19 +38,51 @@ def build_model_and_optimizer(model_cfg: PathMoEConfig, train: TrainingConfig, d
     config.grad_scale_func = optimizer.scale_loss
     config.no_sync_func = ([chunk.no_sync for chunk in chunks] if len(chunks) > 1
                            else chunks[0].no_sync)
+    _wire_overlap(config, chunks)
     return chunks, optimizer, scheduler
 
 
 def _wrap_ddp(models: list[torch.nn.Module], train: TrainingConfig) -> list[Any]:
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
 
+    perf = train.performance
     ddp_config = DistributedDataParallelConfig(
-        grad_reduce_in_fp32=True, overlap_grad_reduce=False,
+        grad_reduce_in_fp32=True, overlap_grad_reduce=perf.overlap_grad_reduce,
+        overlap_param_gather=perf.overlap_param_gather,
+        # As Megatron-LM: only the interleaved schedule dispatches the gathers itself
+        # (config.param_sync_func); otherwise each bucket's forward pre-hook does.
+        align_param_gather=perf.overlap_param_gather and len(models) > 1,
+        bucket_size=perf.ddp_bucket_size,
         use_distributed_optimizer=train.use_distributed_optimizer,
         check_for_nan_in_grad=False)  # NonFiniteGuard checks (and can skip) instead
     return [DistributedDataParallel(config=model.config, ddp_config=ddp_config, module=model,
                                     disable_bucketing=i > 0)
             for i, model in enumerate(models)]
+
+
+def _wire_overlap(config: Any, chunks: list) -> None:
+    """The schedule hooks Megatron-LM's ``train()`` sets for the overlap flags: the schedules
+    start each chunk's grad reduce (and, interleaved, param gather) as soon as it is ready."""
+    ddp_config = chunks[0].ddp_config
+
+    def per_chunk(name: str) -> Any:
+        funcs = [getattr(chunk, name) for chunk in chunks]
+        return funcs if len(funcs) > 1 else funcs[0]
+
+    if ddp_config.overlap_grad_reduce:
+        config.grad_sync_func = per_chunk("start_grad_sync")
+    if ddp_config.overlap_param_gather and ddp_config.align_param_gather:
+        config.param_sync_func = per_chunk("start_param_sync")
+
+
+def sync_params(chunks: list) -> None:
+    """Finish the parameter all-gather that ``--overlap-param-gather`` leaves to the next
+    forward pass, so the weights are complete on every rank: before a checkpoint is written
+    (Megatron-LM does the same around its saves). A no-op without the flag."""
+    for chunk in chunks:
+        if getattr(chunk, "use_forward_hook", False):
+            chunk.disable_forward_pre_hook(param_sync=True)
+            chunk.enable_forward_pre_hook()
 
 
 def _optimizer_and_scheduler(chunks: list, model_cfg: PathMoEConfig, train: TrainingConfig):

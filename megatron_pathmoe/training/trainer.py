@@ -169,8 +169,10 @@ class Trainer:
     def save(self, iteration: int) -> float:
         """Save a checkpoint (collective); returns the seconds it took."""
         from megatron_pathmoe.checkpoint import CheckpointMeta, save_checkpoint
+        from megatron_pathmoe.training.build import sync_params
 
         train = self.train_cfg
+        sync_params(self.chunks)  # --overlap-param-gather: complete the weights first
         log(f"saving checkpoint at iteration {iteration} to {train.save}")
         t0 = time.perf_counter()
         meta = CheckpointMeta(model=self.model_cfg, tokenizer=train.tokenizer_spec(),
