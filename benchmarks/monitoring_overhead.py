@@ -3,9 +3,14 @@
 run with monitoring (metrics.jsonl, TensorBoard, --log-throughput, --log-memory) and without
 (--no-metrics-stream, no sink), rounds interleaved (the order alternates), as subprocesses.
 
+With ``--timing`` the variants are instead --timing-log-level 0, 1 and 2 (megatron-core's
+timers; monitoring on in all three), and ``--timer-cost-only`` times one megatron Timer
+start/stop pair and the level-2 permutation wrapper in-process.
+
 Reported per variant (median over rounds): wall ms/iter over the log windows after the first
 (each window also holds the previous log interval's writes) and the process's CPU seconds
-(user + system, whole process: the same imports and setup in both), with ratios vs "off".
+(user + system, whole process: the same imports and setup in both), with ratios vs the first
+variant ("off", or level 0).
 """
 
 from __future__ import annotations
@@ -26,6 +31,10 @@ TINY = ["--device", "cpu", "--num-layers", "8", "--hidden-size", "128", "--num-a
         "--global-batch-size", "16", "--lr", "2e-3", "--min-lr", "2e-4",
         "--lr-warmup-iters", "5", "--eval-iters", "1"]
 WINDOW = re.compile(r"iter +\d+/\d+ \|.* \| ([\d,]+) ms/iter")
+MONITORING_ON = ["--log-throughput", "--log-memory"]  # + --tensorboard-dir in the run's dir
+VARIANTS = {"off": ["--no-metrics-stream"], "on": MONITORING_ON}
+TIMING_VARIANTS = {f"level {n}": [*MONITORING_ON, "--timing-log-level", str(n)]
+                   for n in (0, 1, 2)}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -41,6 +50,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="OMP_NUM_THREADS of the runs (1: fair on a loaded machine)")
     p.add_argument("--write-cost-only", action="store_true",
                    help="only time one log interval's monitoring work in this process")
+    p.add_argument("--timing", action="store_true",
+                   help="compare --timing-log-level 0/1/2 instead of monitoring off/on")
+    p.add_argument("--timer-cost-only", action="store_true",
+                   help="only time a megatron Timer start/stop pair and the level-2 "
+                   "permutation wrapper in this process")
     return p.parse_args(argv)
 
 
@@ -55,10 +69,10 @@ def data_args(data_dir: str) -> list[str]:
             "--tokenizer-model", os.path.join(REPO, "data", "shakespeare", "tokenizer.json")]
 
 
-def run_once(monitoring: bool, args: argparse.Namespace, data: list[str]) -> dict[str, float]:
+def run_once(extra: list[str], args: argparse.Namespace, data: list[str]) -> dict[str, float]:
     with tempfile.TemporaryDirectory() as tmp:
-        extra = (["--tensorboard-dir", os.path.join(tmp, "tb"), "--log-throughput",
-                  "--log-memory"] if monitoring else ["--no-metrics-stream"])
+        if "--no-metrics-stream" not in extra:
+            extra = [*extra, "--tensorboard-dir", os.path.join(tmp, "tb")]
         cmd = [sys.executable, "-m", "megatron_pathmoe.training.pretrain", *TINY, *data,
                "--train-iters", str(args.train_iters), "--log-interval", str(args.log_interval),
                "--summary-json", os.path.join(tmp, "summary.json"), *extra]
@@ -71,6 +85,68 @@ def run_once(monitoring: bool, args: argparse.Namespace, data: list[str]) -> dic
             sys.exit(f"pathmoe-pretrain failed:\n{out[-3000:]}")
     windows = [float(m[1].replace(",", "")) for m in WINDOW.finditer(out)][1:]
     return {"ms_per_iter": statistics.mean(windows), "cpu_s": usage.ru_utime + usage.ru_stime}
+
+
+def timer_cost(calls: int = 20000, repeats: int = 5) -> dict[str, float]:
+    """us per megatron Timer start/stop pair (no barrier; with the level-1 barrier, world-1
+    gloo) and the level-2 permutation wrapper's own cost (around a no-op), on the CPU
+    platform, where the timers' torch.cuda.synchronize is a no-op. Best of ``repeats``."""
+    import time
+
+    import torch.distributed as dist
+    from megatron.core.timers import Timers
+
+    from megatron_pathmoe.ops import dispatcher
+    from megatron_pathmoe.platform import enable_cpu_platform
+
+    enable_cpu_platform(force=True)
+    dist.init_process_group("gloo", init_method="tcp://127.0.0.1:29533", rank=0, world_size=1)
+    timers = Timers(2, "minmax")
+
+    def per_call(fn, n: int = calls) -> float:
+        best = float("inf")
+        for _ in range(repeats):
+            start = time.perf_counter()
+            for _ in range(n):
+                fn()
+            best = min(best, (time.perf_counter() - start) / n)
+        return 1e6 * best
+
+    def pair(barrier: bool):
+        return lambda: (timers("t", 1).start(barrier=barrier), timers("t").stop())
+
+    def noop():
+        return None
+
+    dispatcher._state["timing"] = type("Config", (), {"timers": timers})()
+    try:
+        wrapper = per_call(dispatcher._timed("moe-permute", noop)) - per_call(noop)
+    finally:
+        dispatcher._state["timing"] = None
+    cost = {"pair_us": per_call(pair(False)), "pair_barrier_us": per_call(pair(True), calls // 10),
+            "permute_wrapper_us": wrapper}
+    dist.destroy_process_group()
+    return cost
+
+
+def compare(variants: dict[str, list[str]], args: argparse.Namespace) -> None:
+    """Run the variants interleaved (order rotating each round) and print the medians."""
+    data = data_args(args.data_dir)
+    results: dict[str, list[dict[str, float]]] = {name: [] for name in variants}
+    names = list(variants)
+    for r in range(args.rounds):
+        for name in names[r % len(names):] + names[:r % len(names)]:
+            results[name].append(run_once(variants[name], args, data))
+            print(f"round {r + 1} {name}: {results[name][-1]}", flush=True)
+    med = {name: {k: statistics.median(x[k] for x in runs) for k in ("ms_per_iter", "cpu_s")}
+           for name, runs in results.items()}
+    base = med[names[0]]
+    print(f"\n{args.rounds} rounds, {args.train_iters} iterations, a log every "
+          f"{args.log_interval}; medians\n")
+    print("| variant | wall ms/iter | ratio | process CPU s | ratio |\n|---|---:|---:|---:|---:|")
+    for name, m in med.items():
+        print(f"| {name} | {m['ms_per_iter']:.0f} | {m['ms_per_iter'] / base['ms_per_iter']:.3f} "
+              f"| {m['cpu_s']:.1f} | {m['cpu_s'] / base['cpu_s']:.3f} |")
 
 
 def write_cost(writes: int = 200) -> dict[str, float]:
@@ -110,23 +186,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.write_cost_only:
         print(f"one log interval's monitoring work: {write_cost()}")
         return 0
-    data = data_args(args.data_dir)
-    results: dict[bool, list[dict[str, float]]] = {False: [], True: []}
-    for r in range(args.rounds):
-        for monitoring in ((False, True) if r % 2 == 0 else (True, False)):
-            results[monitoring].append(run_once(monitoring, args, data))
-            print(f"round {r + 1} monitoring={'on' if monitoring else 'off'}: "
-                  f"{results[monitoring][-1]}", flush=True)
-    base = {k: statistics.median(x[k] for x in results[False]) for k in ("ms_per_iter", "cpu_s")}
-    print(f"\n{args.rounds} rounds, {args.train_iters} iterations, a log every "
-          f"{args.log_interval}; medians\n")
+    if args.timer_cost_only:
+        print(f"megatron timers, us per call: {timer_cost()}")
+        return 0
+    compare(TIMING_VARIANTS if args.timing else VARIANTS, args)
     print(f"one log interval's monitoring work: {write_cost()}")
-    print("| monitoring | wall ms/iter | ratio | process CPU s | ratio |\n|---|---:|---:|---:|---:|")
-    for monitoring in (False, True):
-        med = {k: statistics.median(x[k] for x in results[monitoring]) for k in base}
-        print(f"| {'on' if monitoring else 'off'} | {med['ms_per_iter']:.0f} | "
-              f"{med['ms_per_iter'] / base['ms_per_iter']:.3f} | {med['cpu_s']:.1f} | "
-              f"{med['cpu_s'] / base['cpu_s']:.3f} |")
     return 0
 
 
