@@ -282,7 +282,7 @@ def _parallel_flags(parser: argparse.ArgumentParser, m: PathMoEConfig) -> None:
                    help="EP: experts split over this many ranks")
     g.add_argument("--sequence-parallel", action="store_true",
                    help="split norms, dropout and MoE tokens over the TP ranks (required "
-                        "with TP > 1)")
+                        "with TP > 1; ignored at TP 1, as Megatron-LM)")
     g.add_argument("--use-distributed-optimizer", action="store_true",
                    help="shard Adam states and fp32 main weights over the data-parallel ranks")
 

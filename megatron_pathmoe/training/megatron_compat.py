@@ -209,6 +209,8 @@ def resolve_architecture(ns: argparse.Namespace, default_moe_ffn: int) -> None:
     if ns.group_query_attention and ns.num_query_groups is None:
         ns.num_query_groups = 1
     ns.virtual_pipeline_model_parallel_size = _virtual_stages(ns)
+    if ns.tensor_model_parallel_size == 1:
+        ns.sequence_parallel = False  # as Megatron-LM: nothing to split over one TP rank
 
 
 def _check_moe_layer_freq(text: str, num_layers: int) -> None:

@@ -53,6 +53,8 @@ def test_derived_defaults_follow_megatron_lm():
     assert model.num_query_groups == 1  # Megatron-LM's --num-query-groups default
     model, _ = parse_args(BASE + ["--moe-layer-freq", "([1]*2)*2"])
     assert model.num_layers == 4
+    model, _ = parse_args(BASE + ["--sequence-parallel"])
+    assert not model.sequence_parallel  # Megatron-LM turns it off at TP 1
 
 
 @pytest.mark.parametrize("argv, expected", [

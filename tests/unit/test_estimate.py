@@ -147,7 +147,6 @@ LAYOUT_ERRORS = {
                            "--virtual-pipeline-model-parallel-size", "2",
                            "--dry-run-world-size", "2", "--global-batch-size", "12",
                            "--micro-batch-size", "4"], "a multiple of --pipeline-model-parallel-size 2"),
-    "sp without tp": (["--sequence-parallel"], "--sequence-parallel needs"),
     "experts over ep": (["--expert-model-parallel-size", "3"], "not divisible by"),
     "no vocab": (["--dry-run-vocab-size", "0"], "--dry-run needs --tokenizer-model or"),
     "recurrent across stages": (["--routing", "recurrent", "--pipeline-model-parallel-size", "2",
