@@ -125,13 +125,13 @@ def write_hf_directory(state: dict[str, torch.Tensor], cfg: PathMoEConfig, outpu
     if not isinstance(tokenizer, TokenizerSpec):
         tokenizer = TokenizerSpec(HF_TYPE, tokenizer)
     tensors = _cast(megatron_to_hf(state, cfg), dtype)
-    eod_id = write_hf_tokenizer(tokenizer, output_dir, cfg.seq_length)
+    bos_id, eod_id = write_hf_tokenizer(tokenizer, output_dir, cfg.seq_length)
     rows = tensors["model.embed_tokens.weight"].shape[0]
     hf_files.write_json(os.path.join(output_dir, hf_files.CONFIG_FILE), qwen2_moe.hf_config(
         cfg, vocab_rows=rows, eod_id=eod_id,
-        dtype=tensors["model.embed_tokens.weight"].dtype, iteration=iteration))
+        dtype=tensors["model.embed_tokens.weight"].dtype, iteration=iteration, bos_id=bos_id))
     hf_files.write_json(os.path.join(output_dir, hf_files.GENERATION_CONFIG_FILE),
-                        hf_files.generation_config(eod_id))
+                        hf_files.generation_config(eod_id, bos_id))
     hf_files.write_weights(tensors, output_dir, max_shard_bytes)
 
 

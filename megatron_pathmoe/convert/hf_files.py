@@ -137,6 +137,7 @@ def write_tokenizer_config(out_dir: str, config: dict[str, Any], model_max_lengt
     write_json(os.path.join(out_dir, "special_tokens_map.json"), special)
 
 
-def generation_config(eod_id: int) -> dict[str, Any]:
-    return {"bos_token_id": eod_id, "eos_token_id": eod_id, "pad_token_id": eod_id,
+def generation_config(eod_id: int, bos_id: int | None = None) -> dict[str, Any]:
+    return {"bos_token_id": eod_id if bos_id is None else bos_id, "eos_token_id": eod_id,
+            "pad_token_id": eod_id,
             "do_sample": False}

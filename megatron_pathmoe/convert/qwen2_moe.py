@@ -88,9 +88,10 @@ def pathmoe_metadata(cfg: PathMoEConfig, iteration: int | None) -> dict:
 
 
 def hf_config(cfg: PathMoEConfig, *, vocab_rows: int, eod_id: int, dtype: torch.dtype,
-              iteration: int | None) -> dict:
+              iteration: int | None, bos_id: int | None = None) -> dict:
     """``config.json`` of the exported model. ``vocab_rows`` keeps megatron's padded
-    vocabulary, so the logits (and their softmax) equal megatron's over every row."""
+    vocabulary, so the logits (and their softmax) equal megatron's over every row. The
+    end-of-document id is eos and pad, and bos unless the tokenizer has its own (Llama2)."""
     groups = cfg.num_query_groups or cfg.num_attention_heads
     config = {
         "architectures": [ARCHITECTURE], "model_type": MODEL_TYPE,
@@ -110,7 +111,8 @@ def hf_config(cfg: PathMoEConfig, *, vocab_rows: int, eod_id: int, dtype: torch.
         "norm_topk_prob": not cfg.moe_router_pre_softmax,
         "output_router_logits": False, "router_aux_loss_coef": cfg.moe_aux_loss_coeff,
         "qkv_bias": False, "initializer_range": cfg.init_method_std, "use_cache": True,
-        "bos_token_id": eod_id, "eos_token_id": eod_id, "pad_token_id": eod_id,
+        "bos_token_id": eod_id if bos_id is None else bos_id, "eos_token_id": eod_id,
+        "pad_token_id": eod_id,
         "dtype": str(dtype).removeprefix("torch."),
         METADATA_KEY: pathmoe_metadata(cfg, iteration),
     }

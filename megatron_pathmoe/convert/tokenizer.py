@@ -33,12 +33,14 @@ from megatron_pathmoe.data.encoders import (
 SPM_FILE = "tokenizer.model"
 
 
-def write_hf_tokenizer(spec: TokenizerSpec, out_dir: str, model_max_length: int) -> int:
+def write_hf_tokenizer(spec: TokenizerSpec, out_dir: str,
+                       model_max_length: int) -> tuple[int | None, int]:
     """Write the tokenizer files of ``spec`` into ``out_dir`` (none for a NullTokenizer);
-    returns the end-of-document id."""
+    returns (BOS id of a Llama2Tokenizer else None, end-of-document id)."""
     encoder = spec.load()
+    bos = getattr(encoder, "bos", None)
     if spec.tokenizer_type == NULL_TYPE:
-        return encoder.eod
+        return bos, encoder.eod
     eod_token = {i: t for t, i in encoder.vocab().items()}[encoder.eod]
     if spec.tokenizer_type == HF_TYPE:
         hf_files.write_tokenizer(spec.files()["tokenizer_model"], out_dir, eod_token,
@@ -47,7 +49,7 @@ def write_hf_tokenizer(spec: TokenizerSpec, out_dir: str, model_max_length: int)
         _write_gpt2(encoder, out_dir, eod_token, model_max_length)
     else:
         _write_sentencepiece(spec, out_dir, eod_token, model_max_length)
-    return encoder.eod
+    return bos, encoder.eod
 
 
 def _write_gpt2(encoder: TextEncoder, out_dir: str, eod_token: str, max_length: int) -> None:

@@ -156,20 +156,41 @@ def test_split_sentences_writes_one_sequence_per_sentence(tokenizer, tmp_path):
     assert [ds[i].tolist() for i in range(len(ds))] == sequences
 
 
-@pytest.mark.parametrize("kind", ["gpt2", "sentencepiece"])
-def test_other_tokenizer_types_through_the_pipeline(kind, small_jsonl, small_docs_text, gpt2_files, spm_model,
+@pytest.mark.parametrize("kind", ["gpt2", "sentencepiece", "llama2"])
+def test_other_tokenizer_types_through_the_pipeline(kind, small_jsonl, small_docs, gpt2_files, spm_model,
                                                    tmp_path):
     from megatron_pathmoe.data import TokenizerSpec, load_tokenizer
 
     if kind == "gpt2":
         spec = TokenizerSpec("GPT2BPETokenizer", vocab_file=gpt2_files[0], merge_file=gpt2_files[1])
     else:
-        spec = TokenizerSpec("SentencePieceTokenizer", spm_model)
+        spec = TokenizerSpec("Llama2Tokenizer" if kind == "llama2" else "SentencePieceTokenizer", spm_model)
     summary = _run(small_jsonl, tmp_path, spec, workers=2)
     tok = load_tokenizer(spec)
     ds = IndexedDataset(summary["prefixes"]["text"])
-    for i in (0, 17, 39):
-        assert ds[i].tolist() == tok.tokenize(small_docs_text[i]) + [tok.eod]
+    # As Megatron-LM: a document is kept when it has tokens, so with Llama2's BOS the empty text
+    # is [bos, eod].
+    expected = [ids + [tok.eod] for ids in (tok.tokenize(d["text"]) for d in small_docs) if ids]
+    assert len(ds) == len(expected) == 40 + (kind == "llama2")
+    for i in (0, 7, 17, len(expected) - 1):
+        assert ds[i].tolist() == expected[i]
+
+
+def test_null_tokenizer_through_the_cli(tmp_path):
+    """--tokenizer-type NullTokenizer --vocab-size N writes the ids of the text; a text that is
+    not ids stops the run at its file:line."""
+    src = tmp_path / "ids.jsonl"
+    src.write_text("".join(json.dumps({"text": t}) + "\n" for t in ("5 6 7", "0 9", "8")))
+    base = [sys.executable, CLI, "--tokenizer-type", "NullTokenizer", "--vocab-size", "10",
+            "--append-eod", "--quiet", "--output-prefix", str(tmp_path / "ids")]
+    run = subprocess.run(base + ["--input", str(src)], capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    ds = IndexedDataset(str(tmp_path / "ids_text_document"))
+    assert [ds[i].tolist() for i in range(len(ds))] == [[5, 6, 7, 10], [0, 9, 10], [8, 10]]
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"text": "5 6"}) + "\n" + json.dumps({"text": "five"}) + "\n")
+    run = subprocess.run(base + ["--input", str(bad)], capture_output=True, text=True)
+    assert run.returncode != 0 and f"{bad}:2: " in run.stderr and "single spaces" in run.stderr
 
 
 def test_cli_tokenizes_merges_and_reports(small_jsonl, tokenizer, tmp_path):

@@ -143,3 +143,32 @@ def test_corrupt_gpt2_and_sentencepiece_files(tmp_path, gpt2_files):
         TokenizerSpec("SentencePieceTokenizer", str(junk)).load()
     with pytest.raises(DataError, match="vocab.json"):
         TokenizerSpec("GPT2BPETokenizer", vocab_file=str(junk), merge_file=gpt2_files[1]).load()
+
+
+def test_llama2_puts_bos_before_every_text(spm_model):
+    """Megatron-LM's Llama2Tokenizer.tokenize(text): [bos] + sp.encode(text); eod = eos."""
+    import sentencepiece as spm
+
+    sp = spm.SentencePieceProcessor(model_file=spm_model)
+    tok = load_tokenizer(TokenizerSpec("Llama2Tokenizer", spm_model))
+    assert (tok.eod, tok.vocab_size) == (sp.eos_id(), sp.get_piece_size())
+    texts = ["Good morrow, cousin.", "", "Is it so early?"]
+    assert tok.encode_batch(texts) == [[sp.bos_id()] + sp.encode(t) for t in texts]
+    assert tok.detokenize(tok.tokenize(texts[0])) == texts[0]
+
+
+def test_null_tokenizer_reads_ids_as_megatron_lm():
+    """Megatron-LM's NullTokenizer: text is space-separated ids, eod = N, vocabulary N + 1."""
+    tok = load_tokenizer(TokenizerSpec("NullTokenizer", vocab_size=100))
+    assert (tok.eod, tok.vocab_size) == (100, 101)
+    assert tok.tokenize("3 1 4 1 5") == [3, 1, 4, 1, 5]
+    assert tok.tokenize("7 100") == [7, 100]
+    assert tok.detokenize(np.asarray([3, 1, 4])) == "3 1 4"
+    for text, match in [("3 x", "separated by single spaces"), ("3  4", "separated by single"),
+                        ("101", "outside the NullTokenizer's vocabulary"), ("-1", "outside")]:
+        with pytest.raises(DataError, match=match):
+            tok.tokenize(text)
+    for spec, match in [(TokenizerSpec("NullTokenizer"), "needs --vocab-size"),
+                        (TokenizerSpec("NullTokenizer", eod=5, vocab_size=100), "drop --eod-token")]:
+        with pytest.raises(DataError, match=match):
+            spec.load()

@@ -238,7 +238,9 @@ def test_checkpoint_converts_to_hugging_face(trained, megatron_world1, tmp_path,
     assert convert_main(["to-hf", "--load", ckpt, "--output", out]) == 0
     config = json.load(open(os.path.join(out, "config.json")))
     tokenizer = load_tokenizer(run.tokenizer)
-    assert config["eos_token_id"] == tokenizer.eod
+    assert config["eos_token_id"] == tokenizer.eod == config["pad_token_id"]
+    bos = tokenizer.tokenize("")[0] if kind == "Llama2Tokenizer" else tokenizer.eod
+    assert config["bos_token_id"] == bos
     assert config["vocab_size"] >= tokenizer.vocab_size
     if kind == "NullTokenizer":  # ids are the text: no tokenizer, a note says so
         assert not os.path.exists(os.path.join(out, "tokenizer_config.json"))
@@ -251,3 +253,32 @@ def test_checkpoint_converts_to_hugging_face(trained, megatron_world1, tmp_path,
     assert hf.eos_token_id == tokenizer.eod
     ids = np.asarray(tokenizer.tokenize(SENTENCE))
     assert hf.decode(ids.tolist(), skip_special_tokens=True) == SENTENCE
+
+
+def test_a_record_written_before_tokenizer_types_still_reads(tmp_path):
+    """Older checkpoints record one tokenizer.json (file, source, sha256): a HuggingFaceTokenizer."""
+    from megatron_pathmoe.checkpoint import TOKENIZER_FILE, file_sha256, read_run_config
+    from megatron_pathmoe.checkpoint.record import (
+        FORMAT_NAME,
+        tokenizer_differences,
+        verify_tokenizer_copies,
+    )
+    from megatron_pathmoe.config import PathMoEConfig
+
+    demo = default_demo_paths()["tokenizer"]
+    ckpt = tmp_path / "iter_0000003"
+    ckpt.mkdir()
+    (ckpt / "metadata.json").write_text("{}")
+    shutil.copy(demo, ckpt / TOKENIZER_FILE)
+    record = {"format": FORMAT_NAME, "version": 1, "iteration": 3,
+              "model": PathMoEConfig().to_dict(),
+              "tokenizer": {"file": TOKENIZER_FILE, "source": demo, "sha256": file_sha256(demo)}}
+    (ckpt / "pathmoe_run.json").write_text(json.dumps(record))
+    run = read_run_config(str(ckpt))
+    assert run.tokenizer == TokenizerSpec("HuggingFaceTokenizer", str(ckpt / TOKENIZER_FILE))
+    assert run.tokenizer_path == str(ckpt / TOKENIZER_FILE)
+    assert run.tokenizer_sha256 == file_sha256(demo)
+    verify_tokenizer_copies(run, str(ckpt))
+    assert tokenizer_differences(run, TokenizerSpec("HuggingFaceTokenizer", demo)) == []
+    (differing,) = tokenizer_differences(run, TokenizerSpec("Llama2Tokenizer", mistral_model()))
+    assert differing.startswith("--tokenizer-type Llama2Tokenizer")
