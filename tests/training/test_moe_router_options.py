@@ -1,0 +1,201 @@
+"""--moe-router-dtype and --moe-router-load-balancing-type reach megatron-core's router in
+every routing variant, with megatron-core's meaning."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from megatron_pathmoe.config import ConfigError, PathMoEConfig
+from tests.training.test_moe_capacity import SHAPE, VARIANTS
+from tests.unit.test_block_shared_router import batch
+
+COEFF = 1e-2
+TRACKER_NAMES = {"aux_loss": "load_balancing_loss", "seq_aux_loss": "seq_load_balancing_loss",
+                 "global_aux_loss": "global_load_balancing_loss"}
+
+
+def _build(name: str, **extra):
+    from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
+
+    from megatron_pathmoe.model import build_gpt_model
+
+    torch.manual_seed(0)
+    model_parallel_cuda_manual_seed(0)
+    model = build_gpt_model(PathMoEConfig(**SHAPE, **VARIANTS[name], **extra).validate())
+    model.train()
+    return model
+
+
+def _record_logits(model) -> dict[int, torch.Tensor]:
+    """Layer number -> the logits its router's top-k (megatron's ``routing``) received."""
+    logits: dict[int, torch.Tensor] = {}
+    for layer in model.decoder.layers:
+        router = layer.mlp.router
+
+        def routing(x, padding_mask=None, _router=router, _inner=router.routing):
+            logits[_router.layer_number] = x.detach().clone()
+            return _inner(x, padding_mask=padding_mask)
+
+        router.routing = routing
+    return logits
+
+
+def _loss(model) -> torch.Tensor:
+    tokens, positions = batch()
+    return model(tokens, positions, None, labels=tokens).mean()
+
+
+def _tracked(name: str) -> torch.Tensor | None:
+    from megatron.core.transformer.moe.moe_utils import get_moe_layer_wise_logging_tracker
+
+    entry = get_moe_layer_wise_logging_tracker().get(name)
+    return None if entry is None else entry["values"].clone()
+
+
+def _switch_loss(logits: torch.Tensor, topk: int, tokens_per_expert=None) -> torch.Tensor:
+    """megatron's switch loss over ``logits`` [tokens, experts] by hand (softmax scores):
+    E / (k T^2) * sum_i (sum of scores to i) * (tokens routed to i)."""
+    scores = torch.softmax(logits.float(), dim=-1)
+    tokens, experts = scores.shape
+    if tokens_per_expert is None:
+        chosen = scores.topk(topk, dim=-1).indices
+        tokens_per_expert = torch.zeros(experts).index_add_(0, chosen.flatten(),
+                                                            torch.ones(chosen.numel()))
+    return (scores.sum(0) * tokens_per_expert).sum() * experts / (topk * tokens ** 2)
+
+
+def _expected(kind: str, logits: torch.Tensor, topk: int) -> torch.Tensor:
+    seq, bsz, experts = logits.shape
+    if kind == "seq_aux_loss":  # per sequence, averaged over the batch
+        return torch.stack([_switch_loss(logits[:, b], topk) for b in range(bsz)]).mean()
+    return _switch_loss(logits.reshape(-1, experts), topk)  # aux_loss; global's first step
+
+
+@pytest.mark.parametrize("kind", list(TRACKER_NAMES))
+@pytest.mark.parametrize("name", list(VARIANTS))
+def test_each_load_balancing_type_is_megatrons_formula(megatron_world1, name, kind):
+    model = _build(name, moe_aux_loss_coeff=COEFF, moe_router_load_balancing_type=kind)
+    logits = _record_logits(model)
+    _loss(model)
+    tracked = _tracked(TRACKER_NAMES[kind])
+    assert tracked is not None
+    # Every layer that decides logs its loss (mono: the first layer of each block only).
+    assert sorted(logits) == [i + 1 for i in range(SHAPE["num_layers"]) if tracked[i] != 0]
+    assert all(n not in TRACKER_NAMES.values() or n == TRACKER_NAMES[kind]
+               for n in _tracker_names())
+    for layer, layer_logits in logits.items():
+        expected = _expected(kind, layer_logits, SHAPE["moe_router_topk"])
+        torch.testing.assert_close(tracked[layer - 1], expected, rtol=1e-5, atol=0)
+
+
+def test_global_aux_loss_accumulates_tokens_over_micro_batches(megatron_world1):
+    """global_aux_loss counts tokens over the global batch (megatron resets the count in
+    finalize_model_grads): the second micro-batch's loss uses the mean of both counts."""
+    model = _build("path", moe_aux_loss_coeff=COEFF,
+                   moe_router_load_balancing_type="global_aux_loss")
+    logits = _record_logits(model)
+    _loss(model)
+    first = {layer: x.reshape(-1, x.shape[-1]) for layer, x in logits.items()}
+    before = _tracked("global_load_balancing_loss")
+    torch.manual_seed(1)
+    model.embedding.word_embeddings.weight.data.add_(0.5 * torch.randn_like(
+        model.embedding.word_embeddings.weight))  # a different second micro-batch
+    _loss(model)
+    second = _tracked("global_load_balancing_loss") - before
+    for layer, x in logits.items():
+        x = x.reshape(-1, x.shape[-1])
+        counts = [_counts(y) for y in (first[layer], x)]
+        expected = _switch_loss(x, SHAPE["moe_router_topk"], (counts[0] + counts[1]) / 2)
+        torch.testing.assert_close(second[layer - 1], expected, rtol=1e-5, atol=0)
+        assert not torch.isclose(expected, _switch_loss(x, SHAPE["moe_router_topk"]))
+
+
+def _counts(logits: torch.Tensor) -> torch.Tensor:
+    chosen = torch.softmax(logits.float(), -1).topk(SHAPE["moe_router_topk"], dim=-1).indices
+    return torch.zeros(logits.shape[-1]).index_add_(0, chosen.flatten(),
+                                                    torch.ones(chosen.numel()))
+
+
+def _tracker_names() -> list[str]:
+    from megatron.core.transformer.moe.moe_utils import get_moe_layer_wise_logging_tracker
+
+    return [n for n, v in get_moe_layer_wise_logging_tracker().items() if v["values"].any()]
+
+
+def test_none_disables_the_aux_loss(megatron_world1):
+    """'none' with a positive coefficient: nothing logged, gradients as with coefficient 0;
+    and the coefficient alone (type left at its default) is today's aux_loss shorthand."""
+    grads = {}
+    for label, extra in (("none", dict(moe_aux_loss_coeff=COEFF,
+                                       moe_router_load_balancing_type="none")),
+                         ("zero", dict(moe_aux_loss_coeff=0.0)),
+                         ("aux", dict(moe_aux_loss_coeff=COEFF))):
+        model = _build("path", **extra)
+        _loss(model).backward()
+        grads[label] = {n: p.grad.clone() for n, p in model.named_parameters()
+                        if p.grad is not None}
+        if label == "none":
+            assert not _tracker_names()
+    for n, g in grads["zero"].items():
+        assert torch.equal(grads["none"][n], g), n
+    router = [n for n in grads["aux"] if ".router." in n]
+    assert router and any(not torch.equal(grads["aux"][n], grads["zero"][n]) for n in router)
+    assert PathMoEConfig(moe_aux_loss_coeff=COEFF).to_transformer_config() \
+        .moe_router_load_balancing_type == "aux_loss"
+
+
+@pytest.mark.parametrize("name", list(VARIANTS))
+def test_router_dtype_reaches_every_variant(megatron_world1, name):
+    """fp64 routing math: the logits megatron's top-k sees are fp64, and the model computes
+    what the fp32 router computes up to rounding (same decisions here)."""
+    results = {}
+    for dtype in ("fp32", "fp64"):
+        model = _build(name, moe_router_dtype=dtype, moe_aux_loss_coeff=COEFF)
+        logits = _record_logits(model)
+        results[dtype] = (_loss(model).detach(), logits)
+        want = torch.float64 if dtype == "fp64" else torch.float32
+        assert {x.dtype for x in logits.values()} == {want}
+    (loss32, logits32), (loss64, logits64) = results["fp32"], results["fp64"]
+    torch.testing.assert_close(loss64, loss32, rtol=1e-5, atol=0)
+    for layer, x in logits32.items():
+        torch.testing.assert_close(logits64[layer].float(), x, rtol=1e-4, atol=1e-5)
+
+
+def test_router_option_flags_parse_and_refuse():
+    from megatron_pathmoe.training.arguments import parse_args
+
+    model, _ = parse_args(["--dry-run", "--dry-run-vocab-size", "128", "--moe-router-dtype",
+                           "fp64", "--moe-router-load-balancing-type", "seq_aux_loss",
+                           "--moe-aux-loss-coeff", "0.01"])
+    tc = model.to_transformer_config()
+    assert (tc.moe_router_dtype, tc.moe_router_load_balancing_type,
+            tc.moe_aux_loss_coeff) == ("fp64", "seq_aux_loss", 0.01)
+    for field, value in (("moe_router_dtype", "bf16"),
+                         ("moe_router_load_balancing_type", "sinkhorn")):
+        with pytest.raises(ConfigError, match=field.replace("_", "-")):
+            PathMoEConfig(**{field: value}).validate()
+
+
+@pytest.mark.parametrize("flag", ["--moe-grouped-gemm", "--moe-permute-fusion"])
+def test_te_kernels_refused_without_transformer_engine(flag, capsys):
+    from megatron_pathmoe.platform.gpu import transformer_engine_importable
+    from megatron_pathmoe.training.arguments import parse_args
+
+    if transformer_engine_importable():
+        pytest.skip("transformer-engine imports on this machine: the flag is allowed")
+    with pytest.raises(SystemExit):
+        parse_args(["--dry-run", "--dry-run-vocab-size", "128", flag])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and flag in err[0] and "transformer-engine" in err[0]
+
+
+def test_fp64_router_trains_with_either_permutation(megatron_world1):
+    """fp64 gate probabilities meet fp32 tokens in the permutation: this project's kernels and
+    megatron-core's permute train alike (dropping and padding to capacity on)."""
+    from tests.training.test_moe_capacity import _config, _train
+
+    cfg = _config("path", moe_router_dtype="fp64", moe_expert_capacity_factor=0.5,
+                  moe_pad_expert_input_to_capacity=True)
+    custom, megatron = _train(cfg, "custom"), _train(cfg, "megatron")
+    assert custom[0] == megatron[0] and custom[0][-1] < custom[0][0]
