@@ -29,7 +29,7 @@ from megatron_pathmoe.convert.converter import (
 )
 from megatron_pathmoe.convert.errors import ConversionError
 from megatron_pathmoe.convert.shards import canonical_state
-from megatron_pathmoe.convert.tokenizer import write_hf_tokenizer
+from megatron_pathmoe.convert.tokenizer import hf_tokenizer_spec, write_hf_tokenizer
 from megatron_pathmoe.data.encoders import HF_TYPE, TokenizerSpec
 from megatron_pathmoe.runtime import is_rank0
 
@@ -125,22 +125,22 @@ def write_hf_directory(state: dict[str, torch.Tensor], cfg: PathMoEConfig, outpu
     if not isinstance(tokenizer, TokenizerSpec):
         tokenizer = TokenizerSpec(HF_TYPE, tokenizer)
     tensors = _cast(megatron_to_hf(state, cfg), dtype)
-    bos_id, eod_id = write_hf_tokenizer(tokenizer, output_dir, cfg.seq_length)
+    exported = write_hf_tokenizer(tokenizer, output_dir, cfg.seq_length)
     rows = tensors["model.embed_tokens.weight"].shape[0]
     hf_files.write_json(os.path.join(output_dir, hf_files.CONFIG_FILE), qwen2_moe.hf_config(
-        cfg, vocab_rows=rows, eod_id=eod_id,
-        dtype=tensors["model.embed_tokens.weight"].dtype, iteration=iteration, bos_id=bos_id))
+        cfg, vocab_rows=rows, eod_id=exported.eod,
+        dtype=tensors["model.embed_tokens.weight"].dtype, iteration=iteration,
+        bos_id=exported.bos, tokenizer=exported.record))
     hf_files.write_json(os.path.join(output_dir, hf_files.GENERATION_CONFIG_FILE),
-                        hf_files.generation_config(eod_id, bos_id))
+                        hf_files.generation_config(exported.eod, exported.bos))
     hf_files.write_weights(tensors, output_dir, max_shard_bytes)
 
 
 def _fit_vocabulary(state: dict[str, torch.Tensor], cfg: PathMoEConfig, source: str) -> None:
-    """Megatron pads the vocabulary to a multiple of 128 rows; pad with zero rows if the Hugging
-    Face model has fewer (ids past the tokenizer's vocabulary never occur)."""
-    from megatron_pathmoe.model import padded_vocab_size
-
-    padded = padded_vocab_size(cfg.vocab_size, 1)
+    """Megatron pads the vocabulary to a multiple of --make-vocab-size-divisible-by rows; pad
+    with zero rows if the Hugging Face model has fewer (ids past the tokenizer's vocabulary
+    never occur)."""
+    padded = cfg.replace(tensor_model_parallel_size=1).padded_vocab_size
     for key in _EMBEDDING_KEYS:
         if key not in state:
             continue
@@ -175,20 +175,19 @@ def import_from_hf(hf_dir: str, save_root: str, *, iteration: int | None = None,
     source = os.path.join(hf_dir, hf_files.CONFIG_FILE)
     cfg = qwen2_moe.pathmoe_config(hf_cfg, source, routing=routing,
                                    path_block_size=path_block_size)
-    tokenizer_json = os.path.join(hf_dir, hf_files.TOKENIZER_FILE)
-    if not os.path.isfile(tokenizer_json):
-        raise ConversionError(f"{hf_dir!r} has no {hf_files.TOKENIZER_FILE}; megatron "
-                              "checkpoints carry the tokenizer, so the model directory needs one")
+    meta = hf_cfg.get(qwen2_moe.METADATA_KEY) or {}
+    tokenizer = hf_tokenizer_spec(hf_dir, meta.get("tokenizer"))
     state = hf_to_megatron(hf_files.read_weights(hf_dir), cfg, source=hf_dir)
     if cfg.routing == "path":
         state = tie_block_routers(state, cfg, source=hf_dir)
     _fit_vocabulary(state, cfg, source)
-    meta = hf_cfg.get(qwen2_moe.METADATA_KEY) or {}
     iteration = iteration if iteration is not None else int(meta.get("iteration") or 0)
     with megatron_process_group():
         from megatron_pathmoe.model import build_gpt_model
-        from megatron_pathmoe.checkpoint import save_model_checkpoint
+        from megatron_pathmoe.checkpoint import CheckpointMeta, save_checkpoint
 
         model = build_gpt_model(cfg)
         _load_into(model, state, hf_dir)
-        return save_model_checkpoint(model, cfg, save_root, iteration, tokenizer_json)
+        # Model only (no optimizer), with the tokenizer of any type.
+        return save_checkpoint(save_root, iteration, [model], None, None,
+                               CheckpointMeta(model=cfg, tokenizer=tokenizer))

@@ -72,15 +72,24 @@ def check_exportable(cfg: PathMoEConfig) -> None:
     if score != "softmax":
         raise ConversionError(f"--moe-router-score-function {score}: Qwen2-MoE routes with a "
                               "softmax; a sigmoid-scored model has no exact Hugging Face export")
+    head = cfg.hidden_size // cfg.num_attention_heads
+    for flag, value, hf in (("--kv-channels", cfg.kv_channels or head, head),
+                            ("--rotary-percent", cfg.rotary_percent, 1.0),
+                            ("--position-embedding-type", cfg.position_embedding_type, "rope")):
+        if value != hf:
+            raise ConversionError(f"{flag} {value}: Qwen2-MoE has heads of hidden / heads "
+                                  f"channels with RoPE on all of them; export needs {flag} {hf}")
     if cfg.moe_path_restriction:
         raise ConversionError(f"--moe-path-restriction {cfg.moe_path_restriction}: restricting "
                               "expert paths at inference has no Hugging Face equivalent; export "
                               "the unrestricted model")
 
 
-def pathmoe_metadata(cfg: PathMoEConfig, iteration: int | None) -> dict:
-    """What ``config.json`` records so HF -> Megatron restores the PathMoE model."""
-    return {"format_version": METADATA_VERSION, "routing": cfg.routing,
+def pathmoe_metadata(cfg: PathMoEConfig, iteration: int | None,
+                     tokenizer: dict | None = None) -> dict:
+    """What ``config.json`` records so HF -> Megatron restores the PathMoE model (and its
+    tokenizer, see ``convert/tokenizer.py``)."""
+    return {"format_version": METADATA_VERSION, "routing": cfg.routing, "tokenizer": tokenizer,
             "path_block_size": tied_block_size(cfg),
             "router_blocks": router_blocks(cfg),
             "moe_router_pre_softmax": cfg.moe_router_pre_softmax,
@@ -88,7 +97,8 @@ def pathmoe_metadata(cfg: PathMoEConfig, iteration: int | None) -> dict:
 
 
 def hf_config(cfg: PathMoEConfig, *, vocab_rows: int, eod_id: int, dtype: torch.dtype,
-              iteration: int | None, bos_id: int | None = None) -> dict:
+              iteration: int | None, bos_id: int | None = None,
+              tokenizer: dict | None = None) -> dict:
     """``config.json`` of the exported model. ``vocab_rows`` keeps megatron's padded
     vocabulary, so the logits (and their softmax) equal megatron's over every row. The
     end-of-document id is eos and pad, and bos unless the tokenizer has its own (Llama2)."""
@@ -114,7 +124,7 @@ def hf_config(cfg: PathMoEConfig, *, vocab_rows: int, eod_id: int, dtype: torch.
         "bos_token_id": eod_id if bos_id is None else bos_id, "eos_token_id": eod_id,
         "pad_token_id": eod_id,
         "dtype": str(dtype).removeprefix("torch."),
-        METADATA_KEY: pathmoe_metadata(cfg, iteration),
+        METADATA_KEY: pathmoe_metadata(cfg, iteration, tokenizer),
     }
     return config
 

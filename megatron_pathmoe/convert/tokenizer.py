@@ -10,7 +10,10 @@
 - ``NullTokenizer``: ids are the text, so no tokenizer is written; the weights and config
   (end of document = ``--vocab-size``) are.
 
-In every case the end-of-document token is the model's eos and pad token.
+In every case the end-of-document token is the model's eos and pad token. The Megatron files
+(vocab.json + merges.txt, tokenizer.model) are kept beside the Hugging Face ones and
+``config.json`` records the type (``pathmoe.tokenizer``), so the way back (to-megatron)
+restores the same tokenizer, NullTokenizer included.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+from dataclasses import dataclass
 
 from megatron_pathmoe.convert import hf_files
 from megatron_pathmoe.convert.errors import ConversionError
@@ -31,16 +35,29 @@ from megatron_pathmoe.data.encoders import (
 )
 
 SPM_FILE = "tokenizer.model"
+# Where the Megatron tokenizer files go in the Hugging Face directory, by TokenizerSpec field.
+MEGATRON_FILES = {"vocab_file": "vocab.json", "merge_file": "merges.txt"}
+
+
+@dataclass(frozen=True)
+class ExportedTokenizer:
+    bos: int | None  # a Llama2Tokenizer's BOS id; None: the end of document serves as bos
+    eod: int
+    record: dict  # config.json's pathmoe.tokenizer: type, eod, vocab_size, files
 
 
 def write_hf_tokenizer(spec: TokenizerSpec, out_dir: str,
-                       model_max_length: int) -> tuple[int | None, int]:
-    """Write the tokenizer files of ``spec`` into ``out_dir`` (none for a NullTokenizer);
-    returns (BOS id of a Llama2Tokenizer else None, end-of-document id)."""
+                       model_max_length: int) -> ExportedTokenizer:
+    """Write the tokenizer files of ``spec`` into ``out_dir`` (none for a NullTokenizer)."""
     encoder = spec.load()
-    bos = getattr(encoder, "bos", None)
+    files = {name: MEGATRON_FILES.get(name, SPM_FILE if spec.tokenizer_type != HF_TYPE
+                                       else hf_files.TOKENIZER_FILE)
+             for name in spec.files()}
+    exported = ExportedTokenizer(getattr(encoder, "bos", None), encoder.eod, {
+        "type": spec.tokenizer_type, "eod": spec.eod, "vocab_size": spec.vocab_size,
+        "files": files})
     if spec.tokenizer_type == NULL_TYPE:
-        return bos, encoder.eod
+        return exported
     eod_token = {i: t for t, i in encoder.vocab().items()}[encoder.eod]
     if spec.tokenizer_type == HF_TYPE:
         hf_files.write_tokenizer(spec.files()["tokenizer_model"], out_dir, eod_token,
@@ -49,7 +66,30 @@ def write_hf_tokenizer(spec: TokenizerSpec, out_dir: str,
         _write_gpt2(encoder, out_dir, eod_token, model_max_length)
     else:
         _write_sentencepiece(spec, out_dir, eod_token, model_max_length)
-    return bos, encoder.eod
+    for name, path in spec.files().items():
+        if name in MEGATRON_FILES:
+            shutil.copyfile(path, os.path.join(out_dir, MEGATRON_FILES[name]))
+    return exported
+
+
+def hf_tokenizer_spec(hf_dir: str, record: dict | None) -> TokenizerSpec:
+    """The tokenizer of a Hugging Face directory for a megatron checkpoint: the one
+    ``config.json`` records (an exported checkpoint's), else its tokenizer.json."""
+    if record is None:
+        path = os.path.join(hf_dir, hf_files.TOKENIZER_FILE)
+        if not os.path.isfile(path):
+            raise ConversionError(f"{hf_dir!r} has no {hf_files.TOKENIZER_FILE}; megatron "
+                                  "checkpoints carry the tokenizer, so the model directory "
+                                  "needs one")
+        return TokenizerSpec(HF_TYPE, path)
+    files = {name: os.path.join(hf_dir, file) for name, file in record["files"].items()}
+    for path in files.values():
+        if not os.path.isfile(path):
+            raise ConversionError(f"{hf_dir!r} has no {os.path.basename(path)}, which its "
+                                  f"config.json's {record['type']} reads; copy the whole "
+                                  "exported directory")
+    return TokenizerSpec(record["type"], eod=record.get("eod"),
+                         vocab_size=record.get("vocab_size")).with_files(files)
 
 
 def _write_gpt2(encoder: TextEncoder, out_dir: str, eod_token: str, max_length: int) -> None:

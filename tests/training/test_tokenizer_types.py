@@ -230,6 +230,7 @@ def test_a_different_tokenizer_is_refused_in_one_line(trained, tmp_path, capsys)
 
 def test_checkpoint_converts_to_hugging_face(trained, megatron_world1, tmp_path, capsys):
     from megatron_pathmoe.checkpoint import read_run_config
+    from megatron_pathmoe.checkpoint.record import tokenizer_differences
     from megatron_pathmoe.convert.cli import main as convert_main
 
     kind, _, ckpt, _, _, _ = trained
@@ -242,6 +243,12 @@ def test_checkpoint_converts_to_hugging_face(trained, megatron_world1, tmp_path,
     bos = tokenizer.tokenize("")[0] if kind == "Llama2Tokenizer" else tokenizer.eod
     assert config["bos_token_id"] == bos
     assert config["vocab_size"] >= tokenizer.vocab_size
+    # The way back restores the same tokenizer (type, files, EOD, --vocab-size).
+    back = str(tmp_path / "back")
+    assert convert_main(["to-megatron", "--hf", out, "--save", back]) == 0
+    returned = read_run_config(back)
+    assert returned.tokenizer.tokenizer_type == kind
+    assert tokenizer_differences(returned, run.tokenizer) == []
     if kind == "NullTokenizer":  # ids are the text: no tokenizer, a note says so
         assert not os.path.exists(os.path.join(out, "tokenizer_config.json"))
         assert "NullTokenizer" in capsys.readouterr().out
