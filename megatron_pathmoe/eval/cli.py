@@ -149,7 +149,6 @@ def _evaluate(args, tasks, checkpoint, tokenizer, layout, device) -> dict:
     from megatron_pathmoe.eval.logprobs import VocabLayout
     from megatron_pathmoe.eval.report import build_report
     from megatron_pathmoe.eval.scorer import LoglikelihoodScorer
-    from megatron_pathmoe.model.builder import padded_vocab_size
     from megatron_pathmoe.checkpoint import load_model_for_inference
     from megatron_pathmoe.runtime import initialize_distributed
 
@@ -157,7 +156,7 @@ def _evaluate(args, tasks, checkpoint, tokenizer, layout, device) -> dict:
     model, run = load_model_for_inference(checkpoint, device, args.permute_impl)
     tp = layout.tensor_model_parallel_size
     vocab = VocabLayout.from_megatron(tokenizer.vocab_size,
-                                      padded_vocab_size(layout.vocab_size, tp) // tp)
+                                      layout.padded_vocab_size // tp)
     max_length = args.max_length or layout.seq_length
     scorer = LoglikelihoodScorer(
         model, vocab, max_length=max_length, max_batch_tokens=args.max_batch_tokens,

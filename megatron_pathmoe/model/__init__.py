@@ -5,7 +5,6 @@ from megatron_pathmoe.model.builder import (
     build_gpt_model,
     build_model_chunks,
     count_parameters,
-    padded_vocab_size,
 )
 from megatron_pathmoe.model.forward import forward_backward, forward_step, loss_sums
 from megatron_pathmoe.model.spec import decoder_block_spec, moe_layer_spec
@@ -20,5 +19,4 @@ __all__ = [
     "forward_step",
     "loss_sums",
     "moe_layer_spec",
-    "padded_vocab_size",
 ]

@@ -13,13 +13,6 @@ from megatron_pathmoe.model.spec import decoder_block_spec
 from megatron_pathmoe.ops import install_permute_impl
 
 
-def padded_vocab_size(vocab_size: int, tensor_parallel_size: int, divisible_by: int = 128) -> int:
-    """Megatron pads the embedding so every TP shard has the same, aligned number of rows
-    (``PathMoEConfig.padded_vocab_size`` applies the model's ``--make-vocab-size-divisible-by``)."""
-    multiple = divisible_by * tensor_parallel_size
-    return -(-vocab_size // multiple) * multiple
-
-
 def build_gpt_model(config: PathMoEConfig, *, use_transformer_engine: bool = False,
                     vp_stage: int | None = None, use_cpu_initialization: bool = False,
                     permute_impl: str | None = None, device: str | None = None) -> GPTModel:

@@ -55,9 +55,10 @@ def forward_flops_per_token(cfg: PathMoEConfig, vocab_size: int | None = None
     the output layer that actually runs)."""
     h, s, layers = cfg.hidden_size, cfg.seq_length, cfg.num_layers
     heads = cfg.num_attention_heads
-    kv = (cfg.num_query_groups or heads) * (h // heads)
-    projections = 2 * h * (h + 2 * kv) + 2 * h * h
-    core = 2 * 2 * s * h / 2  # QK^T and attention x V, half of them masked
+    q = heads * (cfg.kv_channels or h // heads)  # --kv-channels: the heads' total width
+    kv = (cfg.num_query_groups or heads) * (q // heads)
+    projections = 2 * h * (q + 2 * kv) + 2 * q * h
+    core = 2 * 2 * s * q / 2  # QK^T and attention x V, half of them masked
     experts = cfg.moe_router_topk * 3 * 2 * h * cfg.moe_ffn_hidden_size
     return {"attention": layers * (projections + core),
             "experts": layers * experts,

@@ -45,8 +45,6 @@ class RunWatch:
 
     def __init__(self, model_cfg: PathMoEConfig, train: TrainingConfig, device: str,
                  start_iteration: int, chunks: list | None = None, optimizer=None) -> None:
-        from megatron_pathmoe.model import padded_vocab_size
-
         self.cfg, self.device, self.world = train.monitoring, device, dist.get_world_size()
         run_dir = run_directory(train)
         self.monitor = Monitor.from_config(
@@ -55,8 +53,8 @@ class RunWatch:
                         "training": dataclasses.asdict(train)},
             router_block_size=model_cfg.router_block_size or 1)
         self.profiler = StepProfiler(self.cfg, run_dir or os.getcwd(), dist.get_rank())
-        vocab = padded_vocab_size(model_cfg.vocab_size, model_cfg.tensor_model_parallel_size)
-        self.step_flops = flops_per_step(model_cfg, train.global_batch_size, vocab)
+        self.step_flops = flops_per_step(model_cfg, train.global_batch_size,
+                                         model_cfg.padded_vocab_size)
         self.peak_tflops = (peak_bf16_tflops(torch.cuda.get_device_name())
                             if device == "cuda" else None)
         self.timers = RunTimers.from_config(self.cfg, chunks, optimizer)

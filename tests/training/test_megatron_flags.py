@@ -151,3 +151,16 @@ def _build(cfg: PathMoEConfig):
     from megatron_pathmoe.model import build_gpt_model
 
     return build_gpt_model(cfg)
+
+
+@pytest.mark.parametrize("argv, flag", [(["--kv-channels", "16"], "--kv-channels 16"),
+                                        (["--rotary-percent", "0.5"], "--rotary-percent 0.5"),
+                                        (["--position-embedding-type", "none"],
+                                         "--position-embedding-type none")])
+def test_hugging_face_export_refuses_shapes_qwen2_moe_lacks(argv, flag):
+    from megatron_pathmoe.convert.errors import ConversionError
+    from megatron_pathmoe.convert.qwen2_moe import check_exportable
+
+    check_exportable(parse_args(BASE)[0])
+    with pytest.raises(ConversionError, match=flag):
+        check_exportable(parse_args(BASE + argv)[0])
