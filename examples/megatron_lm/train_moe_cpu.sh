@@ -4,7 +4,7 @@
 # to CPU size (2 processes over gloo, expert parallel 2), with one change: the entry point.
 #
 #   Megatron-LM:       torchrun ${DISTRIBUTED_ARGS[@]} pretrain_gpt.py ...
-#   megatron-pathmoe:  torchrun ${DISTRIBUTED_ARGS[@]} $(command -v pathmoe-pretrain) ... --routing path
+#   megatron-pathmoe:  torchrun ${DISTRIBUTED_ARGS[@]} $(command -v pathmoe-pretrain) --routing path ...
 #
 # Usage: bash examples/megatron_lm/train_moe_cpu.sh CHECKPOINT_PATH TOKENIZER_MODEL DATA_PATH [flags]
 # e.g. with the demo corpus (bash examples/pretrain_tiny_cpu.sh preprocesses it):
@@ -106,11 +106,10 @@ LOGGING_ARGS=(
     --tensorboard-dir "${CHECKPOINT_PATH}/tensorboard" \
 )
 
-torchrun ${DISTRIBUTED_ARGS[@]} $(command -v pathmoe-pretrain) \
+torchrun ${DISTRIBUTED_ARGS[@]} $(command -v pathmoe-pretrain) --routing path \
     ${MODEL_ARGS[@]} \
     ${MOE_ARGS[@]} \
     ${DATA_ARGS[@]} \
     ${TRAINING_ARGS[@]} \
     ${MODEL_PARALLEL_ARGS[@]} \
-    ${LOGGING_ARGS[@]} \
-    --routing path "$@"
+    ${LOGGING_ARGS[@]} "$@"

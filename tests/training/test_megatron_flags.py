@@ -164,3 +164,13 @@ def test_hugging_face_export_refuses_shapes_qwen2_moe_lacks(argv, flag):
     check_exportable(parse_args(BASE)[0])
     with pytest.raises(ConversionError, match=flag):
         check_exportable(parse_args(BASE + argv)[0])
+
+
+def test_readme_lists_every_unsupported_flag():
+    import os
+
+    from tests.conftest import REPO
+
+    readme = open(os.path.join(REPO, "README.md")).read()
+    section = readme[readme.index("## Coming from Megatron-LM"):]
+    assert [flag for flag in UNSUPPORTED if f"`{flag}" not in section] == []

@@ -19,11 +19,20 @@ GROUPS = ("MODEL_ARGS", "MOE_ARGS", "DATA_ARGS", "TRAINING_ARGS", "MODEL_PARALLE
 
 
 def test_the_script_is_megatron_lms_with_the_entry_point_swapped():
+    """The README's one-line conversion turns Megatron-LM's launch line into the script's."""
     text = open(SCRIPT).read()
     launch = re.search(r"^torchrun .*?(?=^\S|\Z)", text, re.M | re.S).group(0)
-    assert launch.startswith("torchrun ${DISTRIBUTED_ARGS[@]} $(command -v pathmoe-pretrain)")
     assert [g for g in GROUPS if f"${{{g}[@]}}" in launch] == list(GROUPS)
-    assert launch.rstrip().endswith('--routing path "$@"')
+    readme = open(os.path.join(REPO, "README.md")).read()
+    sed = re.search(r"^sed '([^']+)' train_mixtral", readme, re.M).group(1)
+    ours = launch.replace(' "$@"', "")  # extra flags (e.g. --summary-json): the script's own
+    megatron_lm = ("torchrun ${DISTRIBUTED_ARGS[@]} ${MEGATRON_PATH}/pretrain_gpt.py \\\n"
+                   + ours.split("\n", 1)[1])
+    converted = subprocess.run(["sed", sed], input=megatron_lm, capture_output=True, text=True,
+                               check=True).stdout
+    assert converted == ours
+    assert ours.startswith("torchrun ${DISTRIBUTED_ARGS[@]} $(command -v pathmoe-pretrain) "
+                           "--routing path \\\n")
 
 
 def test_megatron_lm_moe_script_trains_five_iterations_on_two_processes(demo_data, tmp_path):
