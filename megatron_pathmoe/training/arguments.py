@@ -90,6 +90,11 @@ class TrainingConfig:
     adam_beta1: float = 0.9
     adam_beta2: float = 0.95
     adam_eps: float = 1e-8
+    # On --load: the checkpoint's schedule lengths win (default), or with
+    # --override-opt_param-scheduler the flags' (Megatron-LM's default, neither flag, requires
+    # them to be equal).
+    override_opt_param_scheduler: bool = False
+    use_checkpoint_opt_param_scheduler: bool = False
     clip_grad: float = 1.0
     seed: int = 1234
     log_interval: int = 10
@@ -340,6 +345,15 @@ def _lr_flags(parser: argparse.ArgumentParser, t: TrainingConfig) -> None:
                    help="--lr-decay-style WSD: iterations of the final anneal")
     g.add_argument("--lr-wsd-decay-samples", type=int, default=None,
                    help="--lr-decay-style WSD with --train-samples: samples of the final anneal")
+    g.add_argument("--override-opt_param-scheduler", "--override-lr-scheduler",
+                   action="store_true", dest="override_opt_param_scheduler",
+                   help="on --load, take the schedule's steps and style (warmup, decay, "
+                        "weight decay) from these flags instead of the checkpoint; the LR "
+                        "bounds always follow --lr/--min-lr")
+    g.add_argument("--use-checkpoint-opt_param-scheduler", "--use-checkpoint-lr-scheduler",
+                   action="store_true", dest="use_checkpoint_opt_param_scheduler",
+                   help="on --load, take the schedule from the checkpoint (the default here; "
+                        "Megatron-LM's default refuses a schedule that differs)")
 
 
 def _data_flags(parser: argparse.ArgumentParser, t: TrainingConfig) -> None:
@@ -498,6 +512,9 @@ def _validate_schedule(train: TrainingConfig) -> None:
     if train.lr_decay_style == "WSD" and not 0 < (s.wsd_decay_steps or 0) <= s.decay_steps:
         raise ConfigError(f"--lr-decay-style WSD needs --lr-wsd-decay-{unit} between 1 and the "
                           f"decay length ({s.decay_steps} {unit})")
+    if train.override_opt_param_scheduler and train.use_checkpoint_opt_param_scheduler:
+        raise ConfigError("--override-opt_param-scheduler and --use-checkpoint-opt_param-"
+                          "scheduler contradict each other; give one")
     start, end = train.weight_decay_range()
     if not 0 <= start <= end:
         raise ConfigError(f"need 0 <= --start-weight-decay ({start}) <= --end-weight-decay "

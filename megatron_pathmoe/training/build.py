@@ -106,5 +106,7 @@ def _optimizer_and_scheduler(chunks: list, model_cfg: PathMoEConfig, train: Trai
         lr_warmup_steps=steps.warmup_steps, lr_decay_steps=steps.decay_steps,
         lr_decay_style=train.lr_decay_style, start_wd=start_wd, end_wd=end_wd,
         wd_incr_steps=steps.wd_incr_steps, wd_incr_style=train.weight_decay_incr_style,
-        wsd_decay_steps=steps.wsd_decay_steps, lr_wsd_decay_style=train.lr_wsd_decay_style)
+        wsd_decay_steps=steps.wsd_decay_steps, lr_wsd_decay_style=train.lr_wsd_decay_style,
+        override_opt_param_scheduler=train.override_opt_param_scheduler,
+        use_checkpoint_opt_param_scheduler=not train.override_opt_param_scheduler)
     return optimizer, scheduler

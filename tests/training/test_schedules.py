@@ -179,9 +179,30 @@ def test_adam_eps_and_weight_decay_increment_reach_the_optimizer(megatron_world1
     (["--start-weight-decay", "0", "--end-weight-decay", "0.1"], "--weight-decay-incr-style"),
     (["--start-weight-decay", "0.2", "--end-weight-decay", "0.1",
       "--weight-decay-incr-style", "linear"], "--start-weight-decay"),
+    (["--override-opt_param-scheduler", "--use-checkpoint-lr-scheduler"], "contradict"),
 ])
 def test_inconsistent_schedules_fail_in_one_line(capsys, argv, words):
     with pytest.raises(SystemExit):
         _configs(argv)
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and words in err, err
+
+
+@pytest.mark.parametrize("override", [False, True])
+def test_a_loaded_schedule_comes_from_the_checkpoint_unless_overridden(megatron_world1,
+                                                                       override):
+    """What a --load does with the scheduler's state (megatron-core's load_state_dict): steps
+    and decay length from the checkpoint, or from the flags with the override. The LR bounds
+    always follow --lr/--min-lr: megatron-core 0.16.1's param groups carry them and take
+    precedence over the scheduler's (as in Megatron-LM)."""
+    saved_train, _, _, saved = _built(["--train-iters", "8", "--lr-warmup-iters", "0"])
+    for _ in range(3):
+        saved.step(increment=saved_train.lr_schedule().increment)
+    argv = ["--train-iters", "16", "--lr-warmup-iters", "0", "--lr", "2e-2"]
+    _, _, optimizer, scheduler = _built(argv + (["--override-opt_param-scheduler"] if override
+                                                else []))
+    scheduler.load_state_dict(saved.state_dict())
+    assert scheduler.num_steps == 3  # the position always comes from the checkpoint
+    assert (scheduler.max_lr, scheduler.lr_decay_steps) == ((2e-2, 16) if override else (LR, 8))
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(
+        MIN_LR + (2e-2 - MIN_LR) * 0.5 * (1 + math.cos(math.pi * 3 / scheduler.lr_decay_steps)))
