@@ -63,6 +63,21 @@ def resolve_checkpoint_dir(path: str) -> str:
     if not os.path.exists(path):
         raise CheckpointError(f"checkpoint {path!r} does not exist; pass a --save directory of "
                               "a training run or one of its iter_XXXXXXX folders")
+    found = find_checkpoint(path)
+    if found is None:
+        raise CheckpointError(f"{path!r} holds no complete checkpoint (no {TRACKER_FILE} and no "
+                              f"iter_XXXXXXX folder with metadata.json and {RUN_FILE}); check "
+                              "the --load path or train with --save first")
+    return found
+
+
+def find_checkpoint(path: str) -> str | None:
+    """Like :func:`resolve_checkpoint_dir`, but ``None`` when ``path`` is missing or holds no
+    checkpoint yet (the first launch of a ``--save X --load X`` job, or one killed before its
+    first save completed). A damaged checkpoint still raises: training from scratch over it
+    would silently lose the run."""
+    if not os.path.exists(path):
+        return None
     if is_complete_checkpoint(path):
         return path
     if os.path.basename(os.path.normpath(path)).startswith(("iter_", ".tmp_iter_")):
@@ -78,11 +93,7 @@ def resolve_checkpoint_dir(path: str) -> str:
         return chosen
     complete = sorted(d for d in glob.glob(os.path.join(path, "iter_*"))
                       if is_complete_checkpoint(d))
-    if complete:
-        return complete[-1]
-    raise CheckpointError(f"{path!r} holds no complete checkpoint (no {TRACKER_FILE} and no "
-                          f"iter_XXXXXXX folder with metadata.json and {RUN_FILE}); check the "
-                          "--load path or train with --save first")
+    return complete[-1] if complete else None
 
 
 def prepare_tmp_dir(root: str, iteration: int) -> str:

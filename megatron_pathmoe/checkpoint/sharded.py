@@ -159,29 +159,51 @@ def save_model_checkpoint(model: torch.nn.Module, model_cfg: PathMoEConfig, save
 
 # --------------------------------------------------------------------------- resume
 
+@dataclass(frozen=True)
+class LoadOptions:
+    """What a resume restores beyond the weights, with Megatron-LM's meanings:
+    ``--no-load-optim`` (optimizer=False: fresh Adam state and LR schedule; iteration and data
+    position kept), ``--no-load-rng`` (rng=False), ``--finetune`` (weights only: iteration 0,
+    no data position, fresh optimizer, schedule and RNG)."""
+
+    optimizer: bool = True
+    rng: bool = True
+    finetune: bool = False
+
+    @property
+    def wants_optimizer(self) -> bool:
+        return self.optimizer and not self.finetune
+
+    @property
+    def wants_rng(self) -> bool:
+        return self.rng and not self.finetune
+
+
 @dataclass
 class ResumeState:
     iteration: int
     consumed_samples: int
     checkpoint_dir: str
     rng_restored: bool
+    optimizer_restored: bool = False  # Adam moments and LR schedule
 
 
 def load_checkpoint(path: str, chunks: list, optimizer: Any, scheduler: Any,
-                    model_cfg: PathMoEConfig) -> ResumeState:
-    """Resume training (collective): model, optimizer, scheduler, RNG (same layout only)."""
+                    model_cfg: PathMoEConfig, options: LoadOptions = LoadOptions()
+                    ) -> ResumeState:
+    """Resume training (collective): model, and as ``options`` allow the optimizer with the
+    scheduler, and the RNG (same layout only)."""
     from megatron.core import dist_checkpointing
 
     ckpt = resolve_checkpoint_dir(path)
     run = read_run_config(ckpt)
     check_compatible(run.model, model_cfg, f"--load {ckpt}")
     same_layout = run.parallel == current_layout()
-    has_optimizer = run.has_optimizer
-    placeholders = _give_fresh_distributed_optimizer_a_step(optimizer) \
-        if optimizer is not None and has_optimizer else []
-    state = _full_state(chunks, optimizer if has_optimizer else None,
-                        scheduler if has_optimizer else None, is_loading=True,
-                        with_rng=same_layout and has_optimizer)
+    load_optim = run.has_optimizer and options.wants_optimizer and optimizer is not None
+    placeholders = _give_fresh_distributed_optimizer_a_step(optimizer) if load_optim else []
+    state = _full_state(chunks, optimizer if load_optim else None,
+                        scheduler if load_optim else None, is_loading=True,
+                        with_rng=same_layout and run.has_optimizer and options.wants_rng)
     for param_state in placeholders:  # the loaded state brings its own step
         param_state.pop("step", None)
     optimizer_loaded = "optimizer" in state and _optimizer_layout_matches(state["optimizer"], ckpt)
@@ -199,12 +221,15 @@ def load_checkpoint(path: str, chunks: list, optimizer: Any, scheduler: Any,
                 optimizer.load_state_dict(loaded["optimizer"])
             else:  # main (fp32 / sharded) params must follow the loaded model weights
                 optimizer.reload_model_params()
-    if scheduler is not None and has_optimizer:
+    # Asked-for keys only: dist_checkpointing.load returns every common (non-sharded) entry.
+    if "opt_param_scheduler" in state:
         scheduler.load_state_dict(loaded["opt_param_scheduler"])
-    if "rng_state" in loaded:
+    if "rng_state" in state:
         _set_rng_state(loaded["rng_state"])
-    return ResumeState(iteration=run.iteration, consumed_samples=run.consumed_samples,
-                       checkpoint_dir=ckpt, rng_restored="rng_state" in loaded)
+    return ResumeState(iteration=0 if options.finetune else run.iteration,
+                       consumed_samples=0 if options.finetune else run.consumed_samples,
+                       checkpoint_dir=ckpt, rng_restored="rng_state" in state,
+                       optimizer_restored=optimizer_loaded)
 
 
 def _give_fresh_distributed_optimizer_a_step(optimizer: Any) -> list[dict]:

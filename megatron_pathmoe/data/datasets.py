@@ -12,10 +12,10 @@ import numpy as np
 import torch
 from megatron.core.datasets.blended_dataset import BlendedDataset
 from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
-from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
+from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig, MockGPTDataset
 from megatron.core.datasets.indexed_dataset import IndexedDataset
 from megatron.core.datasets.megatron_dataset import MegatronDataset
-from torch.utils.data import Dataset
+from torch.utils.data import DataLoader, Dataset
 
 from megatron_pathmoe.data.errors import DataError
 from megatron_pathmoe.data.indexed import IndexInfo, check_indexed_dataset
@@ -75,7 +75,7 @@ def _rank_zero_if_not_distributed() -> Iterator[None]:
 
 
 def build_gpt_datasets(
-    train_prefixes: Sequence[str] | str,
+    train_prefixes: Sequence[str] | str | None,
     valid_prefixes: Sequence[str] | str | None,
     tokenizer: Any,
     seq_length: int,
@@ -89,21 +89,43 @@ def build_gpt_datasets(
     tokens/labels).
 
     With ``valid_prefixes`` the two splits come from separate blends (``blend_per_split``);
-    without, train and valid are carved from ``train_prefixes`` by ``split``. ``tokenizer`` is a
-    loaded tokenizer (needs ``vocab_size`` and ``eod``) or a tokenizer.json path. Works with or
-    without an initialised process group; with one, rank 0 builds the index cache first and every
-    other rank then loads it (call on all ranks).
+    without, train and valid are carved from ``train_prefixes`` by ``split``.
+    ``train_prefixes=None`` (``--mock-data``) gives megatron-core's ``MockGPTDataset`` splits:
+    synthetic documents, no files. ``tokenizer`` is a loaded tokenizer (needs ``vocab_size`` and
+    ``eod``) or a tokenizer.json path. Works with or without an initialised process group; with
+    one, rank 0 builds the index cache first and every other rank then loads it (call on all
+    ranks).
     """
     if isinstance(tokenizer, (str, os.PathLike)):
         tokenizer = load_tokenizer(tokenizer)
-    train_blend = parse_blend(train_prefixes, "--data-path")
-    blend_kwargs: dict[str, Any]
+    blend_kwargs: dict[str, Any] = {}  # none at all: megatron-core's mock mode
+    if train_prefixes is not None:
+        train_blend = parse_blend(train_prefixes, "--data-path")
+        blend_kwargs = {"blend": train_blend, "split": split}
     if valid_prefixes is not None:
+        if train_prefixes is None:
+            raise DataError("--valid-data-path needs --data-path (--mock-data carves its own "
+                            "validation split)")
         valid_blend = parse_blend(valid_prefixes, "--valid-data-path")
         blend_kwargs = {"blend_per_split": [train_blend, valid_blend, None]}
-    else:
-        blend_kwargs = {"blend": train_blend, "split": split}
-    config = GPTDatasetConfig(
+    cls = GPTDataset if blend_kwargs else MockGPTDataset
+    train, valid, _ = _build(cls, [train_samples, valid_samples, 0],
+                             _gpt_config(tokenizer, seq_length, seed, cache_dir, **blend_kwargs))
+    return train, valid
+
+
+def build_test_dataset(prefixes: Sequence[str] | str, tokenizer: Any, seq_length: int,
+                       seed: int, samples: int, cache_dir: str | None = None) -> Dataset:
+    """The ``--test-data-path`` dataset (megatron-core's test split of its own blend)."""
+    blend = parse_blend(prefixes, "--test-data-path")
+    config = _gpt_config(tokenizer, seq_length, seed, cache_dir,
+                         blend_per_split=[None, None, blend])
+    return _build(GPTDataset, [0, 0, samples], config)[2]
+
+
+def _gpt_config(tokenizer: Any, seq_length: int, seed: int, cache_dir: str | None,
+                **blend_kwargs: Any) -> GPTDatasetConfig:
+    return GPTDatasetConfig(
         random_seed=seed,
         sequence_length=seq_length,
         path_to_cache=cache_dir,
@@ -115,25 +137,40 @@ def build_gpt_datasets(
         create_attention_mask=False,  # the model applies its own causal mask
         **blend_kwargs,
     )
+
+
+def _build(cls: type, sizes: list[int], config: GPTDatasetConfig) -> list:
     # Every rank builds (rank 0 first inside the builder); no rank is left holding None.
-    builder = BlendedMegatronDatasetBuilder(
-        GPTDataset, [train_samples, valid_samples, 0], lambda: True, config
-    )
+    builder = BlendedMegatronDatasetBuilder(cls, sizes, lambda: True, config)
     with _rank_zero_if_not_distributed():
-        train, valid, _ = builder.build()
-    return train, valid
+        return builder.build()
 
 
-def _global_indices(start: int, micro_batch_size: int, dp_rank: int,
-                    dp_size: int) -> Iterator[list[int]]:
-    """Global sample ids for this rank, one micro-batch at a time, forever."""
-    group = micro_batch_size * dp_size
-    first = start + dp_rank * micro_batch_size
-    step = 0
-    while True:
-        base = first + step * group
-        yield list(range(base, base + micro_batch_size))
-        step += 1
+class PretrainingBatchSampler:
+    """Megatron-LM's ``MegatronPretrainingSampler`` order, endless: global micro-step ``j``
+    covers samples ``consumed_samples + j*mbs*dp_size ...`` and rank ``r`` takes the slice
+    ``r*mbs ... r*mbs + mbs`` of it, so the global order is the same for every ``dp_size``.
+    Sample ``i`` reads ``dataset[i % size]``: epochs repeat the dataset's (shuffled) order."""
+
+    def __init__(self, size: int, micro_batch_size: int, dp_rank: int, dp_size: int,
+                 consumed_samples: int = 0) -> None:
+        if micro_batch_size < 1:
+            raise ValueError(f"micro_batch_size must be >= 1, got {micro_batch_size}")
+        if not 0 <= dp_rank < dp_size:
+            raise ValueError(f"need 0 <= dp_rank < dp_size, got dp_rank={dp_rank}, "
+                             f"dp_size={dp_size}")
+        if consumed_samples < 0:
+            raise ValueError(f"consumed_samples must be >= 0, got {consumed_samples}")
+        if size == 0:
+            raise ValueError("dataset is empty: increase the number of samples or the data")
+        self.size, self.mbs, self.rank, self.dp = size, micro_batch_size, dp_rank, dp_size
+        self.consumed = consumed_samples
+
+    def __iter__(self) -> Iterator[list[int]]:
+        base = self.consumed + self.rank * self.mbs
+        while True:
+            yield [i % self.size for i in range(base, base + self.mbs)]
+            base += self.mbs * self.dp
 
 
 def _collate(samples: list[dict]) -> dict[str, torch.Tensor]:
@@ -150,26 +187,20 @@ def make_data_iterator(
     dp_rank: int,
     dp_size: int,
     consumed_samples: int = 0,
+    num_workers: int = 0,
 ) -> Iterator[dict[str, torch.Tensor]]:
-    """Endless micro-batches for one data-parallel rank.
-
-    Global micro-step ``j`` covers global samples ``consumed_samples + j*mbs*dp_size ...`` and
-    rank ``r`` takes the contiguous slice ``r*mbs ... r*mbs + mbs`` of it, so the global sample
-    order is the same for every ``dp_size``. Sample ``i`` reads ``dataset[i % len(dataset)]``:
-    epochs repeat the dataset's (already shuffled) order. Yields ``tokens``, ``labels``,
-    ``position_ids`` (int64 ``[b, s]``) and ``loss_mask`` (float32 ``[b, s]``).
-    """
-    if micro_batch_size < 1:
-        raise ValueError(f"micro_batch_size must be >= 1, got {micro_batch_size}")
-    if not 0 <= dp_rank < dp_size:
-        raise ValueError(f"need 0 <= dp_rank < dp_size, got dp_rank={dp_rank}, dp_size={dp_size}")
-    if consumed_samples < 0:
-        raise ValueError(f"consumed_samples must be >= 0, got {consumed_samples}")
-    size = len(dataset)
-    if size == 0:
-        raise ValueError("dataset is empty: increase the number of samples or the data")
-    for ids in _global_indices(consumed_samples, micro_batch_size, dp_rank, dp_size):
-        yield _collate([dataset[i % size] for i in ids])
+    """Endless micro-batches for one data-parallel rank, in :class:`PretrainingBatchSampler`
+    order, from a torch ``DataLoader`` with ``num_workers`` worker processes (``--num-workers``;
+    the DataLoader keeps the sampler's order, so the batches do not depend on it). Yields
+    ``tokens``, ``labels``, ``position_ids`` (int64 ``[b, s]``) and ``loss_mask`` (float32
+    ``[b, s]``)."""
+    sampler = PretrainingBatchSampler(len(dataset), micro_batch_size, dp_rank, dp_size,
+                                      consumed_samples)
+    # Its own generator: a DataLoader iterator draws a worker seed, which must not advance the
+    # global RNG a resume has just restored (dropout masks would differ from the saving run).
+    return iter(DataLoader(dataset, batch_sampler=sampler, collate_fn=_collate,
+                           num_workers=num_workers, persistent_workers=num_workers > 0,
+                           generator=torch.Generator().manual_seed(0)))
 
 
 def _indexed_tokens(dataset: IndexedDataset, document_ids: np.ndarray | None = None) -> np.ndarray:

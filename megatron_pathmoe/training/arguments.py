@@ -29,6 +29,7 @@ from megatron_pathmoe.runtime import OneLineErrorParser
 from megatron_pathmoe.training.cluster import (
     ClusterConfig,
     add_cluster_args,
+    check_data_sources,
     check_resumable,
     validate_cluster,
 )
@@ -435,7 +436,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[PathMoEConfig, TrainingCo
     model, train = _pick(PathMoEConfig, ns), _pick(TrainingConfig, ns)
     train.tokenizer_model = ns.tokenizer_model or ""
     has_tokenizer = spec_from_arguments(ns) is not None
-    missing = [flag for flag, value in (("--data-path", ns.data_path),
+    missing = [flag for flag, value in (("--data-path", ns.data_path or ns.mock_data),
                                         ("--tokenizer-model", has_tokenizer)) if not value]
     if missing and not ns.dry_run:
         parser.error(f"the following arguments are required: {', '.join(missing)}")
@@ -566,7 +567,7 @@ def validate(model: PathMoEConfig, train: TrainingConfig, world_size: int,
         return model
     if train.load:
         check_resumable(train.load, model, train.tokenizer_spec())
-    parse_blend(train.data_path, "--data-path")  # checks every .bin/.idx exists
+    check_data_sources(train.cluster, train.data_path, train.valid_data_path)
     if train.valid_data_path:
         parse_blend(train.valid_data_path, "--valid-data-path")
     return model.replace(vocab_size=load_tokenizer(train.tokenizer_spec()).vocab_size)

@@ -7,7 +7,10 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
+import time
 from dataclasses import dataclass, fields
+from typing import Any
 
 from megatron_pathmoe.config import ConfigError, PathMoEConfig
 from megatron_pathmoe.data.encoders import TokenizerSpec
@@ -32,6 +35,13 @@ class ClusterConfig:
     @classmethod
     def from_args(cls, ns: argparse.Namespace) -> "ClusterConfig":
         return cls(**{f.name: getattr(ns, f.name) for f in fields(cls)})
+
+    def load_options(self) -> Any:
+        """What ``--load`` restores (``checkpoint.LoadOptions``)."""
+        from megatron_pathmoe.checkpoint import LoadOptions
+
+        return LoadOptions(optimizer=not self.no_load_optim, rng=not self.no_load_rng,
+                           finetune=self.finetune)
 
 
 def add_cluster_args(parser: argparse.ArgumentParser) -> None:
@@ -65,15 +75,90 @@ def add_cluster_args(parser: argparse.ArgumentParser) -> None:
 
 def validate_cluster(cluster: ClusterConfig) -> None:
     """Checks that need no process group; raises ``ConfigError`` naming the flag."""
+    if cluster.exit_duration_in_mins is not None and cluster.exit_duration_in_mins <= 0:
+        raise ConfigError("--exit-duration-in-mins must be positive (minutes of training "
+                          "before saving and exiting)")
+    if cluster.exit_interval is not None and cluster.exit_interval < 1:
+        raise ConfigError("--exit-interval must be at least 1 (iterations)")
+    if cluster.num_workers < 0:
+        raise ConfigError("--num-workers must be >= 0 (0 reads the data in the training "
+                          "process)")
+
+
+def check_data_sources(cluster: ClusterConfig, data_path: list[str],
+                       valid_data_path: list[str]) -> None:
+    """``--mock-data`` replaces the data files; ``--test-data-path`` files must exist."""
+    from megatron_pathmoe.data import parse_blend
+
+    if cluster.mock_data and (data_path or valid_data_path):
+        raise ConfigError("--mock-data trains on synthetic tokens: drop --data-path and "
+                          "--valid-data-path, or drop --mock-data")
+    if not cluster.mock_data:
+        parse_blend(data_path, "--data-path")  # checks every .bin/.idx exists
+    if cluster.test_data_path:
+        parse_blend(cluster.test_data_path, "--test-data-path")
+
+
+class ExitPolicy:
+    """When a job saves and exits 0 before ``--train-iters`` (Megatron-LM's
+    ``checkpoint_and_decide_exit``): SIGTERM received by any rank (``--exit-signal-handler``),
+    the slowest rank's wall time past ``--exit-duration-in-mins``, or an iteration that is a
+    multiple of ``--exit-interval``. The first two are decided by one all-reduce (max) over all
+    ranks after each step, so every rank stops after the same step."""
+
+    def __init__(self, cluster: ClusterConfig, start_time: float | None = None) -> None:
+        self.cluster = cluster
+        self.start_time = time.time() if start_time is None else start_time
+        self.signalled = False
+        self._previous = None
+        if cluster.exit_signal_handler:
+            self._previous = signal.signal(signal.SIGTERM, self._on_signal)
+
+    def _on_signal(self, signum: int, frame: Any) -> None:
+        self.signalled = True  # acted on after the current step, on every rank
+
+    def check(self, iteration: int) -> str | None:
+        """The reason to stop after ``iteration``, else None (collective when a signal handler
+        or a duration is set)."""
+        cluster = self.cluster
+        if cluster.exit_signal_handler or cluster.exit_duration_in_mins is not None:
+            signalled, minutes = self._agree()
+            if signalled:
+                return "received SIGTERM (--exit-signal-handler)"
+            if cluster.exit_duration_in_mins is not None and \
+                    minutes > cluster.exit_duration_in_mins:
+                return (f"ran {minutes:.2f} min, past --exit-duration-in-mins "
+                        f"{cluster.exit_duration_in_mins:g}")
+        if cluster.exit_interval and iteration % cluster.exit_interval == 0:
+            return f"iteration {iteration} is a multiple of --exit-interval {cluster.exit_interval}"
+        return None
+
+    def _agree(self) -> tuple[bool, float]:
+        import torch
+
+        from megatron_pathmoe.runtime import all_reduce_to_cpu
+
+        mine = torch.tensor([float(self.signalled), (time.time() - self.start_time) / 60.0],
+                            dtype=torch.float64)
+        signalled, minutes = all_reduce_to_cpu(mine, op=torch.distributed.ReduceOp.MAX).tolist()
+        return signalled > 0, minutes
+
+    def close(self) -> None:
+        """Give SIGTERM its previous handler back."""
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+            self._previous = None
 
 
 def check_resumable(path: str, model: PathMoEConfig, tokenizer: TokenizerSpec) -> None:
-    """Fail before launch when --load names no usable checkpoint, a different model or a
-    different tokenizer."""
-    from megatron_pathmoe.checkpoint import check_compatible, read_run_config
+    """Fail before launch when --load names a damaged checkpoint, a different model or a
+    different tokenizer. A path without any checkpoint yet passes: the run starts from scratch
+    (the first launch of a ``--save X --load X`` job)."""
+    from megatron_pathmoe.checkpoint import check_compatible, find_checkpoint, read_run_config
     from megatron_pathmoe.checkpoint.record import tokenizer_differences
 
-
+    if find_checkpoint(path) is None:
+        return
     saved = read_run_config(path)
     differences = tokenizer_differences(saved, tokenizer)
     if differences:

@@ -16,9 +16,10 @@ from functools import partial
 import torch.distributed as dist
 
 from megatron_pathmoe.config import PathMoEConfig
-from megatron_pathmoe.runtime import check_platform, initialize_distributed, log
+from megatron_pathmoe.runtime import check_platform, initialize_distributed, log, warn
 from megatron_pathmoe.training.arguments import TrainingConfig
 from megatron_pathmoe.training.build import build_model_and_optimizer
+from megatron_pathmoe.training.cluster import ExitPolicy
 from megatron_pathmoe.training.data import build_data_iterators
 from megatron_pathmoe.training.faults import FaultInjector, NonFiniteGuard
 from megatron_pathmoe.training.metrics import MetricsWindow, peak_memory_gib
@@ -38,6 +39,8 @@ class Trainer:
     def __init__(self, model_cfg: PathMoEConfig, train: TrainingConfig, device: str) -> None:
         self.model_cfg, self.train_cfg, self.device = model_cfg, train, device
         self.start_iteration = self.consumed_samples = 0
+        # From here on SIGTERM is caught (--exit-signal-handler) and the job's time counts.
+        self.exits = ExitPolicy(train.cluster)
 
     # ------------------------------------------------------------------ setup
 
@@ -53,8 +56,7 @@ class Trainer:
             cfg, train, self.device)
         self.parameters = self._log_setup()
         self._resume()
-        self.train_iter, self.valid_iter = build_data_iterators(
-            cfg, train, consumed_samples=self.consumed_samples)
+        self.data = build_data_iterators(cfg, train, consumed_samples=self.consumed_samples)
         self.window = MetricsWindow(self.chunks, cfg, train.train_iters,
                                     train.global_batch_size * cfg.seq_length,
                                     self.num_microbatches)
@@ -89,16 +91,21 @@ class Trainer:
         return {"total": params.total, "active": params.active, "router": params.router}
 
     def _resume(self) -> None:
-        from megatron_pathmoe.checkpoint import load_checkpoint
+        """``--load``: nothing there yet trains from scratch (one command for the first launch
+        and every requeue); else what ``--no-load-optim/--no-load-rng/--finetune`` allow."""
+        from megatron_pathmoe.checkpoint import find_checkpoint, load_checkpoint
 
-        train = self.train_cfg
+        train, cluster = self.train_cfg, self.train_cfg.cluster
         if not train.load:
             return
+        if find_checkpoint(train.load) is None:
+            warn(f"no checkpoint in {train.load}, training from scratch")
+            return
+        if cluster.auto_detect_ckpt_format:
+            log("--auto-detect-ckpt-format: reading torch_dist (the only format written here)")
         resume = load_checkpoint(train.load, self.chunks, self.optimizer, self.scheduler,
-                                 self.model_cfg)
-        rng = "" if resume.rng_restored else " (RNG states not restored: different parallel layout)"
-        log(f"resumed from {resume.checkpoint_dir}: iteration {resume.iteration}, "
-            f"{resume.consumed_samples:,} samples consumed{rng}")
+                                 self.model_cfg, cluster.load_options())
+        log(_resume_text(resume, cluster))
         if resume.iteration > train.train_iters:
             raise ValueError(f"--load {resume.checkpoint_dir} is at iteration {resume.iteration}, "
                              f"past --train-iters {train.train_iters}; raise --train-iters")
@@ -111,7 +118,7 @@ class Trainer:
         self.watch.before_step(iteration)
         injected = self.faults.before_step(iteration, self.chunks)
         t0 = time.perf_counter()
-        result = train_step(self.chunks, self.optimizer, self.scheduler, self.train_iter,
+        result = train_step(self.chunks, self.optimizer, self.scheduler, self.data.train,
                             self.model_cfg, self.train_cfg, self.num_microbatches,
                             should_step=partial(self.guard.should_step, iteration))
         seconds = time.perf_counter() - t0
@@ -120,31 +127,44 @@ class Trainer:
         self.window.update(iteration, result, seconds)
         return result
 
-    def evaluate(self) -> float:
-        """Mean validation loss over ``--eval-iters`` global batches."""
-        return evaluate(self.chunks, self.valid_iter, self.model_cfg, self.train_cfg,
-                        self.num_microbatches)
+    def evaluate(self, data_iterator=None) -> float:
+        """Mean loss over ``--eval-iters`` global batches of the validation data (or
+        ``data_iterator``'s)."""
+        data = self.data.valid if data_iterator is None else data_iterator
+        return evaluate(self.chunks, data, self.model_cfg,
+                        self.train_cfg, self.num_microbatches)
 
     def train(self) -> RunSummary:
         """``--train-iters`` iterations with periodic logs, validation and saves; then the
-        final validation and the run summary (written to ``--summary-json``)."""
-        last = self.train_cfg.train_iters
+        final validation, the test evaluation and the run summary (written to
+        ``--summary-json``). A graceful exit (:class:`ExitPolicy`) saves and ends the loop
+        early, without them, like Megatron-LM."""
+        last, stop = self.train_cfg.train_iters, None
+        valid_loss = test_loss = None
         try:
             for iteration in range(self.start_iteration + 1, last + 1):
                 self.train_step(iteration)
-                self._after_step(iteration, last)
-            valid_loss = self._validate(last)
+                saved = self._after_step(iteration, last)
+                stop = self.exits.check(iteration) if iteration < last else None
+                if stop:
+                    self._exit(iteration, stop, saved)
+                    break
+            if not stop:
+                valid_loss = self._validate(last)
+                test_loss = self._test()
         finally:  # also on an error: the stream and events so far stay readable
             self.watch.close()
+            self.exits.close()
         self.window.close()
         self.guard.remove()
-        summary = self.summary(valid_loss)
+        summary = self.summary(valid_loss, test_loss, stop)
         log_summary(summary)
         check_platform(self.device)
         write_summary(summary, self.train_cfg.summary_json)
         return summary
 
-    def _after_step(self, iteration: int, last: int) -> None:
+    def _after_step(self, iteration: int, last: int) -> bool:
+        """Log, validate and save as the intervals say; returns whether it saved."""
         train = self.train_cfg
         if iteration % train.log_interval == 0 or iteration == last:
             self._log_interval(iteration)
@@ -154,6 +174,26 @@ class Trainer:
         if train.save and (iteration == last or (
                 train.save_interval and iteration % train.save_interval == 0)):
             self.window.exclude(self.save(iteration))  # out of the next window's tokens/s
+            return True
+        return False
+
+    def _exit(self, iteration: int, reason: str, saved: bool) -> None:
+        """Save at ``iteration`` (unless just saved) before a graceful exit."""
+        log(f"exiting at iteration {iteration}: {reason}")
+        if iteration % self.train_cfg.log_interval:
+            self._log_interval(iteration)  # the last steps' losses reach the stream
+        if not self.train_cfg.save:
+            warn("no --save directory: the exit saves no checkpoint")
+        elif not saved:
+            self.save(iteration)
+
+    def _test(self) -> float | None:
+        """``--test-data-path``: one evaluation after training."""
+        if self.data.test is None:
+            return None
+        loss = self.evaluate(self.data.test)
+        log(f"test: loss {loss:.4f} | perplexity {math.exp(loss):.2f}")
+        return loss
 
     def _log_interval(self, iteration: int) -> None:
         scalars = self.window.flush(iteration)
@@ -185,7 +225,8 @@ class Trainer:
         log(f"saved {path} in {seconds:.1f} s")
         return seconds
 
-    def summary(self, valid_loss: float) -> RunSummary:
+    def summary(self, valid_loss: float | None, test_loss: float | None = None,
+                exit_reason: str | None = None) -> RunSummary:
         """The run summary from the metrics window (collective: peak memory)."""
         from megatron_pathmoe.ops import permute_impl_report
 
@@ -195,8 +236,8 @@ class Trainer:
                "start_iteration": self.start_iteration,
                "consumed_samples": self.consumed_samples, "world_size": self.world,
                "peak_memory_gib": peak_memory_gib(self.device),
-               "permute_impl": permute_impl_report()}
-        return build_summary(self.window, run, valid_loss)
+               "permute_impl": permute_impl_report(), "exit_reason": exit_reason}
+        return build_summary(self.window, run, valid_loss, test_loss)
 
 
 def pretrain(model_cfg: PathMoEConfig, train: TrainingConfig, device: str) -> RunSummary:
@@ -204,3 +245,21 @@ def pretrain(model_cfg: PathMoEConfig, train: TrainingConfig, device: str) -> Ru
     trainer = Trainer(model_cfg, train, device)
     trainer.setup()
     return trainer.train()
+
+
+def _resume_text(resume, cluster) -> str:
+    """The log line of a resume, naming what was not restored and why (a changed optimizer
+    structure has its own warning from the checkpoint layer)."""
+    if cluster.finetune:
+        return (f"fine-tuning from the weights of {resume.checkpoint_dir} (--finetune): "
+                "iteration 0, fresh optimizer state, LR schedule and RNG")
+    notes = []
+    if cluster.no_load_optim:
+        notes.append("optimizer state and LR schedule start fresh (--no-load-optim)")
+    if not resume.rng_restored:
+        why = ("--no-load-rng" if cluster.no_load_rng
+               else "different parallel layout or no optimizer in the checkpoint")
+        notes.append(f"RNG states not restored ({why})")
+    extra = "".join(f"; {note}" for note in notes)
+    return (f"resumed from {resume.checkpoint_dir}: iteration {resume.iteration}, "
+            f"{resume.consumed_samples:,} samples consumed{extra}")
