@@ -294,10 +294,23 @@ class CpuPlatform:
         if not hasattr(moe_utils, "te_general_gemm"):
             self._set(moe_utils, "te_general_gemm", None)
         self._set(token_dispatcher, "maybe_move_tensor_to_cpu", _maybe_move_tensor_to_cpu)
+        # Activation recomputation runs forward code (literal device="cuda" included) inside
+        # backward, where the function mode is off: run it with a mode of its own.
+        for function in (mcore_random.CheckpointFunction,
+                         mcore_random.CheckpointWithoutOutputFunction):
+            self._set(function, "backward", staticmethod(_with_mode(function.backward)))
         # The RNG tracker warns when the CPU generator moves inside fork(); on this platform
         # the "CUDA" generator *is* the CPU one, so the warning is always spurious.
         self._rng_filter = _DropMessage("CPU RNG state changed within GPU RNG context")
         logging.getLogger(mcore_random.__name__).addFilter(self._rng_filter)
+
+
+def _with_mode(backward: Callable) -> Callable:
+    def run(ctx, *grads):
+        with CudaToCpuMode():
+            return backward(ctx, *grads)
+
+    return run
 
 
 _PLATFORM = CpuPlatform()

@@ -34,7 +34,6 @@ VARIANTS = {"path": dict(routing="path", path_block_size=2),
 
 
 def _loss_and_grads(**overrides) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    from megatron.core.pipeline_parallel.schedules import custom_backward
     from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 
     from megatron_pathmoe.model import build_gpt_model
@@ -46,10 +45,9 @@ def _loss_and_grads(**overrides) -> tuple[torch.Tensor, dict[str, torch.Tensor]]
     model.train()
     tokens, positions = batch()
     loss = model(tokens, positions, None, labels=tokens).mean()
-    # As megatron's schedules: the autograd engine directly. loss.backward() is a torch-function
-    # call, inside which the CPU platform's CUDA->CPU mode is off, so megatron's recompute
-    # (which runs inside backward) would allocate on "cuda".
-    custom_backward(loss, None)
+    # torch.autograd.backward (as megatron's schedules): recomputation runs inside it, where
+    # the CPU platform re-enters its CUDA->CPU mapping for megatron's checkpoint functions.
+    torch.autograd.backward(loss)
     grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
     return loss.detach(), grads
 
