@@ -48,8 +48,8 @@ def moving_average(x: np.ndarray, y: np.ndarray, window: int | None = None
 
 
 def plot_loss(runs: Runs, path: str, smooth: int | None = None) -> str:
-    """Training loss ("lm loss") per run, moving-averaged; the y range starts at the lowest
-    point and spans 2.5 nats so the first iterations do not flatten the rest."""
+    """Training loss ("lm loss") per run, moving-averaged; the y range spans at most 2.5 nats
+    above the lowest point so the first iterations do not flatten the rest."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(7, 4.5), layout="constrained")
     lowest = math.inf
@@ -59,7 +59,7 @@ def plot_loss(runs: Runs, path: str, smooth: int | None = None) -> str:
             ax.plot(x, y, label=label)
             lowest = min(lowest, float(y.min()))
     if math.isfinite(lowest):
-        ax.set_ylim(top=lowest + 2.5)
+        ax.set_ylim(top=min(ax.get_ylim()[1], lowest + 2.5))  # cut, never extend
     _finish(ax, "iteration", "training loss (nats/token)", "Training loss")
     return _save(fig, path)
 
