@@ -13,10 +13,10 @@ import torch
 from megatron_pathmoe.training.arguments import parse_args
 
 GBS = 4
-MODEL = ["--dry-run", "--dry-run-vocab-size", "128", "--num-layers", "2", "--hidden-size", "32",
-         "--num-attention-heads", "4", "--moe-ffn-hidden-size", "32", "--seq-length", "16",
-         "--num-experts", "4", "--routing", "path", "--path-block-size", "2",
-         "--micro-batch-size", str(GBS), "--global-batch-size", str(GBS)]
+SHAPE = ["--num-layers", "2", "--hidden-size", "32", "--num-attention-heads", "4",
+         "--moe-ffn-hidden-size", "32", "--seq-length", "16", "--num-experts", "4",
+         "--routing", "path", "--path-block-size", "2", "--global-batch-size", str(GBS)]
+MODEL = ["--dry-run", "--dry-run-vocab-size", "128", "--micro-batch-size", str(GBS), *SHAPE]
 LR, MIN_LR, INIT = 1e-2, 1e-3, 1e-4
 
 
@@ -206,3 +206,26 @@ def test_a_loaded_schedule_comes_from_the_checkpoint_unless_overridden(megatron_
     assert (scheduler.max_lr, scheduler.lr_decay_steps) == ((2e-2, 16) if override else (LR, 8))
     assert optimizer.param_groups[0]["lr"] == pytest.approx(
         MIN_LR + (2e-2 - MIN_LR) * 0.5 * (1 + math.cos(math.pi * 3 / scheduler.lr_decay_steps)))
+
+
+def test_a_sample_budget_runs_through_the_trainer(demo_data, tmp_path):
+    """pathmoe-pretrain --train-samples 21 with a global batch of 4: 5 iterations (20 samples),
+    and each logged LR is the sample-counted schedule's (warmup 6 samples, linear decay)."""
+    import json
+
+    from tests.conftest import run_cli
+
+    summary = tmp_path / "summary.json"
+    result = run_cli(["-m", "megatron_pathmoe.training.pretrain", "--data-path",
+                      demo_data["train_prefix"], "--tokenizer-model", demo_data["tokenizer"],
+                      *SHAPE, "--micro-batch-size", "2", "--train-samples", "21", "--lr", str(LR),
+                      "--min-lr", str(MIN_LR), "--lr-warmup-samples", "6", "--lr-decay-style",
+                      "linear", "--log-interval", "1", "--eval-iters", "1",
+                      "--summary-json", str(summary)])
+    assert result.returncode == 0, result.stderr[-3000:]
+    s = json.loads(summary.read_text())
+    assert (s["iterations"], s["consumed_samples"], len(s["train_losses"])) == (5, 20, 5)
+    lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    lrs = [line["learning-rate"] for line in lines if "learning-rate" in line]
+    assert lrs == pytest.approx([_expected(4 * k, "linear", warmup=6, decay=21)
+                                 for k in range(1, 6)], rel=1e-12)
