@@ -11,7 +11,7 @@
 #   bash examples/megatron_lm/train_moe_cpu.sh runs/megatron_lm data/shakespeare/tokenizer.json \
 #     runs/data/shakespeare_train_text_document
 # Extra flags are appended (e.g. --summary-json runs/megatron_lm/summary.json).
-# On GPUs: raise the sizes back to the original's and add --bf16 --moe-grouped-gemm.
+# On GPUs: raise the sizes back to the original's and add --moe-grouped-gemm (transformer-engine).
 
 export CUDA_DEVICE_MAX_CONNECTIONS=1
 
@@ -87,6 +87,7 @@ TRAINING_ARGS=(
     --weight-decay 0.1
     --lr-warmup-iters 1
     --clip-grad 1.0
+    --bf16
 )
 
 MODEL_PARALLEL_ARGS=(
@@ -103,7 +104,10 @@ LOGGING_ARGS=(
     --eval-interval 1000 \
     --eval-iters 2 \
     --save $CHECKPOINT_PATH \
+    --load $CHECKPOINT_PATH \
     --tensorboard-dir "${CHECKPOINT_PATH}/tensorboard" \
+    --no-load-optim \
+    --no-load-rng
 )
 
 torchrun ${DISTRIBUTED_ARGS[@]} $(command -v pathmoe-pretrain) --routing path \
