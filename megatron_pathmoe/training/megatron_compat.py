@@ -164,10 +164,10 @@ def add_architecture_args(parser: argparse.ArgumentParser) -> None:
                    help="accepted: RoPE and 'none' add no learned position table")
     g.add_argument("--moe-layer-freq", default="1",
                    help="1, or a pattern of 1s such as '[1]*8': every layer is MoE")
-    for flag in FUSION_FLAGS:
-        g.add_argument(flag, action="store_true",
-                       help=argparse.SUPPRESS if flag != FUSION_FLAGS[0] else
-                       "accepted, as every --no-*-fusion flag: the local layers never fuse")
+    g.add_argument(FUSION_FLAGS[0], action="store_true",
+                   help=f"accepted, as {', '.join(FUSION_FLAGS[1:])}: the local layers never fuse")
+    for flag in FUSION_FLAGS[1:]:
+        g.add_argument(flag, action="store_true", help=argparse.SUPPRESS)
     g.add_argument("--num-layers-per-virtual-pipeline-stage", type=int, default=None,
                    help="layers per virtual pipeline stage (sets "
                         "--virtual-pipeline-model-parallel-size)")
