@@ -1,7 +1,7 @@
 """--timing-log-level / --timing-log-option: megatron-core's own Timers on the model and
 optimizer configs, logged each log interval and written to metrics.jsonl and TensorBoard.
-Real 2-rank gloo runs (level 2 minmax, level 1 all) and RunTimers in-process (max, pausing,
-level 0)."""
+Real 2-rank gloo runs, pipeline parallel so that megatron's p2p timers run too (level 2
+minmax, level 1 all), and RunTimers in-process (max, pausing, level 0)."""
 
 from __future__ import annotations
 
@@ -26,19 +26,23 @@ from tests.monitoring.test_pretrain_monitoring import MODEL, _data
 
 LEVEL1 = {"forward-backward", "all-grads-sync", "optimizer-inner-step", "optimizer"}
 LEVEL2 = {"forward-compute", "backward-compute", "batch-generator", "moe-permute",
-          "moe-unpermute"}
+          "moe-unpermute", "forward-recv", "forward-send", "backward-recv", "backward-send",
+          "forward-send-backward-recv", "backward-send-forward-recv"}
 # (inner, outer): on every rank the inner timer runs inside the outer one.
 NESTED = [("forward-compute", "forward-backward"), ("backward-compute", "forward-backward"),
           ("all-grads-sync", "forward-backward"), ("batch-generator", "forward-compute"),
-          ("moe-permute", "forward-compute"), ("optimizer-inner-step", "optimizer")]
+          ("moe-permute", "forward-compute"), ("optimizer-inner-step", "optimizer"),
+          ("backward-send-forward-recv", "forward-backward")]
 ITER_MS = re.compile(r"iter +(\d+)/\d+ \|.* \| ([\d,]+) ms/iter")
 TIMER_LINE = re.compile(r"^ +(\S+) \.+: (.*)$")
 
 
 def _timed_run(root, demo_data, *timing: str) -> dict:
-    """4 iterations on 2 ranks (DP2), a log and a validation every 2."""
+    """4 iterations on 2 ranks (PP2: 1F1B over 4 micro-batches), a log and a validation
+    every 2."""
     result = run_cli(["-m", "megatron_pathmoe.training.pretrain", *MODEL, *_data(demo_data),
                       "--train-iters", "4", "--log-interval", "2", "--eval-interval", "2",
+                      "--pipeline-model-parallel-size", "2",
                       "--summary-json", str(root / "summary.json"), *timing],
                      nproc=2, timeout=500)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
