@@ -58,7 +58,7 @@ def _recompute_args(g: argparse._ArgumentGroup) -> None:
                    help="full recompute: uniform = chunks of --recompute-num-layers layers, "
                         "block = the first --recompute-num-layers layers of each stage")
     g.add_argument("--recompute-num-layers", type=int, default=None)
-    g.add_argument("--recompute-modules", nargs="+", default=None,
+    g.add_argument("--recompute-modules", nargs="*", default=None,
                    help=f"selective recompute: any of {' '.join(RECOMPUTE_MODULE_CHOICES)} "
                         "(default core_attn)")
 
