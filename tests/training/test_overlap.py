@@ -18,14 +18,15 @@ DISTOPT = ["--use-distributed-optimizer"]
 OVERLAP = ["--overlap-grad-reduce", "--overlap-param-gather"]
 
 
-def _run(demo_data, tmp_path, name: str, extra: list[str]) -> tuple[dict, dict]:
+def _run(demo_data, tmp_path, name: str, extra: list[str],
+         nproc: int = 2) -> tuple[dict, dict]:
     """DP2 training (4 iterations) of test_data_parallel's tiny model, saved at the end."""
     save, summary = tmp_path / name, tmp_path / f"{name}.json"
     result = run_cli(["-m", "megatron_pathmoe.training.pretrain", *TINY_ARGS, *DISTOPT, *extra,
                       "--data-path", demo_data["train_prefix"],
                       "--valid-data-path", demo_data["valid_prefix"],
                       "--tokenizer-model", demo_data["tokenizer"],
-                      "--summary-json", str(summary), "--save", str(save)], nproc=2)
+                      "--summary-json", str(summary), "--save", str(save)], nproc=nproc)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
     return json.loads(summary.read_text()), _checkpoint_tensors(save / "iter_0000004")
 
@@ -84,6 +85,24 @@ def test_overlap_with_many_buckets(demo_data, tmp_path, baseline):
         assert a == pytest.approx(b, rel=2e-5)
     assert overlap["valid_loss"] == pytest.approx(base["valid_loss"], rel=1e-6)
     # The weights (the optimizer's state is stored per bucket, so its layout differs).
+    for key, value in base_ckpt.items():
+        if not key.startswith("optimizer."):
+            torch.testing.assert_close(overlap_ckpt[key], value, rtol=0, atol=1e-5, msg=key)
+
+
+def test_overlap_interleaved_pipeline(demo_data, tmp_path):
+    """PP2 x VPP2 x DP2 (world 4): the interleaved schedule dispatches each chunk's gathers
+    and reduces itself (config.param_sync_func / grad_sync_func, as Megatron-LM sets them)."""
+    layout = ["--pipeline-model-parallel-size", "2", "--virtual-pipeline-model-parallel-size",
+              "2", "--path-block-size", "1"]
+    base, base_ckpt = _run(demo_data, tmp_path, "vpp", layout, nproc=4)
+    overlap, overlap_ckpt = _run(demo_data, tmp_path, "vpp_overlap",
+                                 [*layout, *OVERLAP, "--ddp-bucket-size", "5000"], nproc=4)
+    assert overlap["train_losses"][0] == base["train_losses"][0]
+    for a, b in zip(base["train_losses"], overlap["train_losses"]):
+        assert a == pytest.approx(b, rel=1e-6)
+    for a, b in zip(base["grad_norms"], overlap["grad_norms"]):
+        assert a == pytest.approx(b, rel=2e-5)
     for key, value in base_ckpt.items():
         if not key.startswith("optimizer."):
             torch.testing.assert_close(overlap_ckpt[key], value, rtol=0, atol=1e-5, msg=key)
