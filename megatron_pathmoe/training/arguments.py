@@ -461,7 +461,7 @@ def _resolve_budget(ns: argparse.Namespace) -> None:
         raise ConfigError("give --train-iters or --train-samples, not both")
     other = "--train-iters" if samples else "--train-samples"
     for flag, given in (("--lr-decay-iters", ns.lr_decay_iters is not None),
-                        ("--lr-warmup-iters", ns.lr_warmup_iters is not None),
+                        ("--lr-warmup-iters", ns.lr_warmup_iters not in (None, 0)),
                         ("--lr-wsd-decay-iters", ns.lr_wsd_decay_iters is not None),
                         ("--lr-decay-samples", ns.lr_decay_samples is not None),
                         ("--lr-warmup-samples", ns.lr_warmup_samples != 0),
@@ -469,7 +469,7 @@ def _resolve_budget(ns: argparse.Namespace) -> None:
         if given and flag.endswith("-iters") == samples:
             raise ConfigError(f"{flag} goes with {other}; use the --lr-*-"
                               f"{'samples' if samples else 'iters'} flag instead")
-    warmup_given = ns.lr_warmup_iters is not None or ns.lr_warmup_samples != 0
+    warmup_given = ns.lr_warmup_iters not in (None, 0) or ns.lr_warmup_samples != 0
     if ns.lr_warmup_fraction is not None and warmup_given:
         raise ConfigError("--lr-warmup-fraction replaces --lr-warmup-iters/--lr-warmup-samples; "
                           "give one of them")

@@ -127,6 +127,14 @@ def test_sample_budget_equals_the_iteration_budget(megatron_world1, iters, sampl
     assert _lrs(samples) == pytest.approx(_lrs(iters), rel=1e-14, abs=0)
 
 
+def test_a_zero_warmup_of_the_other_kind_is_allowed():
+    """Megatron-LM asserts --lr-warmup-iters == 0 with samples or a fraction: 0 passes."""
+    _, train = _configs(["--train-samples", "40", "--lr-warmup-iters", "0"])
+    assert (train.train_iters, train.lr_warmup_iters) == (10, 0)
+    _, train = _configs(["--lr-warmup-iters", "0", "--lr-warmup-fraction", "0.1"])
+    assert train.lr_schedule().warmup_steps == pytest.approx(10.0)  # of 100 default iterations
+
+
 def test_sample_warmup_counts_samples(megatron_world1):
     """A warmup of 6 samples with 4 per iteration: not a whole number of iterations."""
     lrs = _lrs(["--train-samples", "40", "--lr-warmup-samples", "6", "--lr-decay-style",
