@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import os
+import signal
 from contextlib import contextmanager
 from typing import Any, Iterator, Sequence
 from unittest import mock
@@ -200,7 +201,24 @@ def make_data_iterator(
     # global RNG a resume has just restored (dropout masks would differ from the saving run).
     return iter(DataLoader(dataset, batch_sampler=sampler, collate_fn=_collate,
                            num_workers=num_workers, persistent_workers=num_workers > 0,
-                           generator=torch.Generator().manual_seed(0)))
+                           generator=torch.Generator().manual_seed(0),
+                           worker_init_fn=_ignore_sigterm if num_workers else None))
+
+
+def _ignore_sigterm(worker_id: int) -> None:
+    """SLURM sends SIGTERM to every process of a job step, DataLoader workers included; a
+    worker killed by it would crash its rank mid-step instead of letting the rank finish the
+    step and save (``--exit-signal-handler``). The rank stops its workers itself
+    (:func:`shutdown_data_iterator`)."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
+def shutdown_data_iterator(iterator: Any) -> None:
+    """Stop ``iterator``'s DataLoader workers now (they ignore SIGTERM, so they must not be
+    left for interpreter exit to terminate)."""
+    shutdown = getattr(iterator, "_shutdown_workers", None)  # torch's multi-worker iterator
+    if shutdown is not None:
+        shutdown()
 
 
 def _indexed_tokens(dataset: IndexedDataset, document_ids: np.ndarray | None = None) -> np.ndarray:

@@ -20,6 +20,14 @@ class DataIterators:
     valid: Any
     test: Any = None
 
+    def close(self) -> None:
+        """Stop the DataLoader workers (``--num-workers``)."""
+        from megatron_pathmoe.data.datasets import shutdown_data_iterator
+
+        for its in (self.train, self.valid, self.test):
+            for it in its if isinstance(its, list) else [its]:
+                shutdown_data_iterator(it)
+
 
 def build_data_iterators(model_cfg: PathMoEConfig, train: TrainingConfig,
                          consumed_samples: int = 0) -> DataIterators:

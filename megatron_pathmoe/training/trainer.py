@@ -155,6 +155,7 @@ class Trainer:
         finally:  # also on an error: the stream and events so far stay readable
             self.watch.close()
             self.exits.close()
+            self.data.close()
         self.window.close()
         self.guard.remove()
         summary = self.summary(valid_loss, test_loss, stop)

@@ -59,14 +59,21 @@ def _stopped(part: dict, ckpt) -> int:
 def test_sigterm_saves_current_iteration_and_resumes_bitwise(demo_data, reference, tmp_path,
                                                             target):
     """SIGTERM during a step to one worker, or as SLURM sends it to every process of the job
-    step (torchrun forwards it to its workers too): all ranks stop after the same step, save
-    it and exit 0. torchrun itself reports a signal it received with exit status 1."""
+    step (torchrun, which forwards it to its workers too, the workers, their DataLoader
+    workers): all ranks stop after the same step, save it and exit 0. torchrun itself reports
+    a signal it received with exit status 1."""
+    import psutil
+
     ckpt, part = tmp_path / "ckpt", tmp_path / "part.json"
-    proc = launch(_args(demo_data, part, "--save", str(ckpt), "--exit-signal-handler"), nproc=2)
+    extra = ["--num-workers", "1"] if target == "slurm" else []
+    proc = launch(_args(demo_data, part, "--save", str(ckpt), "--exit-signal-handler", *extra),
+                  nproc=2)
     read_until(proc, r"iter +3/")
     workers = worker_pids(proc)
     assert sorted(workers) == [0, 1]
-    targets = [workers[1]] if target == "rank1" else [proc.pid, workers[0], workers[1]]
+    everyone = [proc.pid] + [p.pid for p in psutil.Process(proc.pid).children(recursive=True)]
+    targets = [workers[1]] if target == "rank1" else everyone
+    assert target == "rank1" or len(targets) >= 5  # torchrun, 2 ranks, their data workers
     for pid in targets:
         os.kill(pid, signal.SIGTERM)
     out, _ = proc.communicate(timeout=240)
