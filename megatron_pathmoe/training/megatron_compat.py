@@ -125,6 +125,21 @@ UNSUPPORTED: dict[str, Unsupported] = {
        for flag in ("--reset-position-ids", "--reset-attention-mask", "--eod-mask-loss")},
     "--ckpt-convert-format": Unsupported("convert checkpoints with python -m "
                                          "megatron_pathmoe.convert"),
+    "--moe-input-jitter-eps": Unsupported("input jitter is not wired through the --routing "
+                                          "variants"),
+    "--moe-router-fusion": Unsupported("the fused router kernel (transformer-engine) is not "
+                                       "wired; the --routing variants route in PyTorch"),
+    "--moe-router-force-load-balancing": Unsupported("forced balanced routing (a benchmarking "
+                                                     "aid) is not wired"),
+    "--manual-gc": Unsupported("manual garbage collection is not wired; Python's runs as usual"),
+    "--manual-gc-interval": Unsupported("manual garbage collection is not wired"),
+}
+# Megatron-LM switches for what this project always does: accepted, nothing to change.
+ALWAYS_ON = {
+    "--moe-per-layer-logging": "the log and metrics show every layer's aux losses and load",
+    "--accumulate-allreduce-grads-in-fp32": "gradients are reduced in fp32",
+    "--use-dist-ckpt": "checkpoints are megatron-core dist checkpoints (torch_dist)",
+    "--no-create-attention-mask-in-dataloader": "attention is causal either way",
 }
 
 
@@ -168,6 +183,10 @@ def add_architecture_args(parser: argparse.ArgumentParser) -> None:
                    help=f"accepted, as {', '.join(FUSION_FLAGS[1:])}: the local layers never fuse")
     for flag in FUSION_FLAGS[1:]:
         g.add_argument(flag, action="store_true", help=argparse.SUPPRESS)
+    for flag, why in ALWAYS_ON.items():
+        g.add_argument(flag, action="store_true", help=f"accepted: {why}")
+    g.add_argument("--distributed-backend", choices=("nccl", "gloo"), default=None,
+                   help="accepted: the backend follows --device (gloo on CPU, nccl on CUDA)")
     g.add_argument("--num-layers-per-virtual-pipeline-stage", type=int, default=None,
                    help="layers per virtual pipeline stage (sets "
                         "--virtual-pipeline-model-parallel-size)")

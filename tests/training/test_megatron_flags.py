@@ -22,7 +22,9 @@ MIXTRAL_STYLE = ["--use-mcore-models", "--disable-bias-linear", "--max-position-
                  "--no-position-embedding", "--rotary-base", "1000000", "--norm-epsilon",
                  "1e-6", "--moe-layer-freq", "1", "--no-bias-swiglu-fusion",
                  "--no-bias-dropout-fusion", "--no-rope-fusion",
-                 "--no-gradient-accumulation-fusion"]
+                 "--no-gradient-accumulation-fusion", "--moe-per-layer-logging",
+                 "--accumulate-allreduce-grads-in-fp32", "--use-dist-ckpt",
+                 "--no-create-attention-mask-in-dataloader", "--distributed-backend", "nccl"]
 
 
 def _error(capsys, argv: list[str]) -> str:
