@@ -29,6 +29,8 @@ paper_launch() {
     --transformer-impl "${TRANSFORMER_IMPL:-local}")
   if [[ -n "${VPP:-}" ]]; then args+=(--virtual-pipeline-model-parallel-size "$VPP"); fi
   if (( tp > 1 )); then args+=(--sequence-parallel); fi
+  # transformer-engine: its grouped GEMM runs all local experts in one kernel (Megatron-LM's flag)
+  if [[ "${TRANSFORMER_IMPL:-local}" == transformer_engine ]]; then args+=(--moe-grouped-gemm); fi
   local arg dry_run=${DRY_RUN:-0}
   for arg in "$@"; do [[ "$arg" == --dry-run ]] && dry_run=1; done
   if [[ "$dry_run" == 1 ]]; then
