@@ -5,7 +5,9 @@ Layout::
 
     <root>/latest_checkpointed_iteration.txt   iteration of the newest complete checkpoint
     <root>/iter_0000100/                       megatron dist checkpoint (torch_dist) +
-                                               pathmoe_run.json + tokenizer.json
+                                               pathmoe_run.json + copies of the tokenizer's
+                                               files, whatever its type (tokenizer.json;
+                                               vocab.json + merges.txt; tokenizer.model)
     <root>/.tmp_iter_0000200/                  a save in progress (never loaded)
 
 Atomicity: every rank writes into the temporary directory; once all ranks are done (the

@@ -124,7 +124,7 @@ def _recorded_tokenizer(ckpt: str, record: dict) -> tuple[TokenizerSpec, dict[st
                 {"tokenizer_model": record["sha256"]})
     files = record.get("files", {})
     spec = TokenizerSpec(record["type"], eod=record.get("eod"),
-                         vocab_size=record.get("vocab_size"))
+                         vocab_size=record.get("vocab_size"), legacy=record.get("legacy", False))
     spec = spec.with_files({name: os.path.join(ckpt, entry["file"])
                             for name, entry in files.items()})
     return spec, {name: entry["sha256"] for name, entry in files.items()}
@@ -143,10 +143,13 @@ def tokenizer_record(spec: TokenizerSpec) -> dict:
                     "sha256": file_sha256(path)} for name, path in spec.files().items()}
     record = {"type": spec.tokenizer_type, "eod": spec.eod, "vocab_size": spec.vocab_size,
               "files": files}
+    if spec.legacy:  # --legacy-tokenizer (absent otherwise: older records keep their hash)
+        record["legacy"] = True
     if spec.tokenizer_type == HF_TYPE:  # the keys older readers know: the tokenizer.json itself
         record.update(files["tokenizer_model"])
     else:
-        identity = json.dumps({k: record[k] for k in ("type", "eod", "vocab_size")} |
+        identity = json.dumps({k: record[k] for k in ("type", "eod", "vocab_size", "legacy")
+                               if k in record} |
                               {"files": {n: e["sha256"] for n, e in files.items()}},
                               sort_keys=True)
         record["sha256"] = hashlib.sha256(identity.encode()).hexdigest()
@@ -249,6 +252,10 @@ def tokenizer_differences(run: RunConfig, spec: TokenizerSpec) -> list[str]:
         return [f"--tokenizer-type {spec.tokenizer_type} (the checkpoint's: "
                 f"{saved.tokenizer_type})"]
     out = tokenizer_file_differences(run, spec.files())
+    if spec.legacy != saved.legacy:
+        out.append(f"--legacy-tokenizer {'given' if spec.legacy else 'not given'} (the "
+                   f"checkpoint's {saved.tokenizer_type} was {'' if saved.legacy else 'not '}"
+                   "legacy)")
     if spec.vocab_size != saved.vocab_size and spec.tokenizer_type == NULL_TYPE:
         out.append(f"--vocab-size {spec.vocab_size} (the checkpoint's: {saved.vocab_size})")
     if not out and spec.load().eod != saved.load().eod:

@@ -12,13 +12,22 @@ Ids follow Megatron-LM's tokenizers:
 - ``GPT2BPETokenizer``: GPT-2 ``vocab.json`` + ``merges.txt``: byte-level BPE with the GPT-2
   split pattern and no special-token matching (``<|endoftext|>`` in the text is plain text), as
   Megatron's pure-Python GPT-2 BPE; EOD is ``<|endoftext|>``.
-- ``GPTSentencePieceTokenizer`` / ``SentencePieceTokenizer``: a SentencePiece ``.model``; ids are
-  ``encode_as_ids(text)`` without BOS/EOS, EOD is the model's ``</s>`` (eos) id, as Megatron's
-  ``GPTSentencePieceTokenizer``. (Megatron's ``SentencePieceTokenizer`` would add extra
-  ``<EOD>``/``<MASK>``... ids past the model's vocabulary; that variant is not supported.)
-- ``Llama2Tokenizer``: a SentencePiece ``.model``; every text starts with the model's BOS id
-  (``<s>``), EOD is its eos id, as Megatron's ``_Llama2Tokenizer.tokenize(text)`` (bos=True,
-  eos=False) and ``eod``.
+- SentencePiece types (a ``.model``), as Megatron-LM core_v0.16.1 builds them. By default it
+  builds every one of them through megatron-core's tokenizer system (``megatron.core.tokenizers``,
+  used by ``tools/preprocess_data.py`` unless ``--legacy-tokenizer``): ids are
+  ``encode_as_ids(text)``, EOD is the model's eos id, the vocabulary is the model's pieces.
+  With ``--legacy-tokenizer`` it uses ``megatron/training/tokenizer``'s classes:
+
+  - ``GPTSentencePieceTokenizer``: the same as the default.
+  - ``SentencePieceTokenizer``: ids past the pieces for ``<CLS>``, ``<SEP>``, ``<EOD>``,
+    ``<MASK>``, then ``<PAD>``/``<BOS>``/``<EOS>`` where the model has no pad/bos/eos piece (a
+    piece that exists keeps its id), in that order; EOD is ``<EOD>``. These special tokens (the
+    model's own pad/bos/eos pieces included) are matched in the text: the text between them is
+    encoded piece by piece, the earliest match first (at equal positions, the one added
+    first); detokenize writes each as `` <TOKEN> `` between the decoded pieces.
+  - ``Llama2Tokenizer``: every text starts with the model's BOS id; EOD is its eos id.
+
+  ``--legacy-tokenizer`` changes nothing for the other types here.
 - ``NullTokenizer``: no file; ``--vocab-size N``. Text is token ids separated by single spaces,
   EOD is id N and the vocabulary N + 1 ids, as Megatron's ``_NullTokenizer``.
 """
@@ -39,6 +48,8 @@ SPM_TYPES = ("GPTSentencePieceTokenizer", "SentencePieceTokenizer")
 LLAMA2_TYPE = "Llama2Tokenizer"
 NULL_TYPE = "NullTokenizer"
 TOKENIZER_TYPES = (HF_TYPE, GPT2_TYPE) + SPM_TYPES + (LLAMA2_TYPE, NULL_TYPE)
+# The types --legacy-tokenizer changes (Megatron-LM's legacy classes differ from megatron-core's).
+LEGACY_TYPES = ("SentencePieceTokenizer", LLAMA2_TYPE)
 # The spec fields that name files, and their flags.
 FILE_FLAGS = {"tokenizer_model": "--tokenizer-model", "vocab_file": "--vocab-file",
               "merge_file": "--merge-file"}
@@ -67,7 +78,8 @@ class TokenizerSpec:
 
     ``eod``: end-of-document token (string) or id; default: ``<|endoftext|>`` (then ``</s>``,
     ``<|end_of_text|>``, ``<eos>`` for a tokenizer.json), the eos id for SentencePiece.
-    ``vocab_size``: ``--vocab-size`` (NullTokenizer only).
+    ``vocab_size``: ``--vocab-size`` (NullTokenizer only). ``legacy``: ``--legacy-tokenizer``
+    (Megatron-LM's legacy SentencePieceTokenizer and Llama2Tokenizer).
     """
 
     tokenizer_type: str = HF_TYPE
@@ -76,6 +88,13 @@ class TokenizerSpec:
     merge_file: str | None = None
     eod: str | int | None = None
     vocab_size: int | None = None
+    legacy: bool = False
+
+    def __post_init__(self) -> None:
+        # Only two types have a legacy variant; elsewhere the flag is a no-op, so that records
+        # and comparisons of the same tokenizer never differ by it.
+        legacy = bool(self.legacy) and self.tokenizer_type in LEGACY_TYPES
+        object.__setattr__(self, "legacy", legacy)
 
     def load(self) -> TextEncoder:
         files = self.files()
@@ -83,11 +102,10 @@ class TokenizerSpec:
             return HFEncoder.from_tokenizer_json(files["tokenizer_model"], self.eod)
         if self.tokenizer_type == GPT2_TYPE:
             return HFEncoder.from_gpt2_files(files["vocab_file"], files["merge_file"], self.eod)
-        if self.tokenizer_type in SPM_TYPES:
-            return SentencePieceEncoder(files["tokenizer_model"], self.eod)
-        if self.tokenizer_type == LLAMA2_TYPE:
-            return Llama2Encoder(files["tokenizer_model"], self.eod)
-        return NullEncoder(self.vocab_size, self.eod)
+        if self.tokenizer_type == NULL_TYPE:
+            return NullEncoder(self.vocab_size, self.eod)
+        encoder = LEGACY_SPM_ENCODERS[self.tokenizer_type] if self.legacy else SentencePieceEncoder
+        return encoder(files["tokenizer_model"], self.eod)
 
     def files(self) -> dict[str, str]:
         """The files this type reads, by spec field (a tokenizer.json folder resolved to the
@@ -143,6 +161,10 @@ def add_tokenizer_arguments(group) -> None:
     group.add_argument("--vocab-size", type=int, default=argparse.SUPPRESS,
                        help="NullTokenizer: ids below N are tokens, N is the end of document "
                             "(vocabulary N + 1)")
+    group.add_argument("--legacy-tokenizer", action="store_true",
+                       help="Megatron-LM's legacy tokenizer classes: SentencePieceTokenizer adds "
+                            "<CLS> <SEP> <EOD> <MASK> (...) past the pieces and ends documents "
+                            "with <EOD>; Llama2Tokenizer puts BOS before every text")
 
 
 def spec_from_arguments(args) -> TokenizerSpec | None:
@@ -153,7 +175,8 @@ def spec_from_arguments(args) -> TokenizerSpec | None:
         return None
     eod = int(args.eod_token) if args.eod_token and args.eod_token.isdigit() else args.eod_token
     return TokenizerSpec(args.tokenizer_type, args.tokenizer_model, args.vocab_file,
-                         args.merge_file, eod, getattr(args, "vocab_size", None))
+                         args.merge_file, eod, getattr(args, "vocab_size", None),
+                         args.legacy_tokenizer)
 
 
 def tokenizer_file_error(flag: str, path: str, reason: str) -> DataError:
@@ -241,14 +264,15 @@ def _eod_id(token_to_id, path: str, eod: str | int | None, flag: str) -> int:
 
 
 class SentencePieceEncoder:
-    """A SentencePiece ``.model``; EOD = its eos id (Megatron's GPTSentencePieceTokenizer)."""
+    """A SentencePiece ``.model``: ids are its pieces, EOD its eos id (Megatron-LM's default
+    tokenizer system for every SentencePiece type, and its legacy GPTSentencePieceTokenizer)."""
 
     def __init__(self, path: str, eod: str | int | None = None) -> None:
         try:
             import sentencepiece
         except ImportError as err:  # pragma: no cover - depends on the environment
             raise DataError(
-                "--tokenizer-type SentencePieceTokenizer needs the sentencepiece package: "
+                "SentencePiece tokenizer types need the sentencepiece package: "
                 "pip install sentencepiece"
             ) from err
         try:
@@ -257,23 +281,38 @@ class SentencePieceEncoder:
             reason = f"not a SentencePiece model ({_one_line(err)})"
             raise tokenizer_file_error("--tokenizer-model", path, reason) from err
         self.name = path
-        self.vocab_size = self._sp.get_piece_size()
+        self._vocab = self._build_vocab()
+        self.vocab_size = len(self._vocab)
+        self.eod = self._eod_id(eod)
+        # What Megatron-LM's tokenizer gives megatron-core's GPTDataset as pad (labels with this
+        # id get no loss); -1: none.
+        self.pad = self._sp.pad_id()
+
+    def _build_vocab(self) -> dict[str, int]:
+        return {self._sp.id_to_piece(i): i for i in range(self._sp.get_piece_size())}
+
+    def _piece(self, piece_id: int) -> str | None:
+        """The piece of a special id of the model (pad, bos, eos); None when it has none."""
+        return self._sp.id_to_piece(piece_id) if 0 <= piece_id < self._sp.get_piece_size() \
+            else None
+
+    def _default_eod(self) -> int:
+        if self._piece(self._sp.eos_id()) is None:
+            raise DataError(f"SentencePiece model {self.name!r} (from --tokenizer-model) has no "
+                            "eos piece; name the end-of-document piece with --eod-token")
+        return self._sp.eos_id()
+
+    def _eod_id(self, eod: str | int | None) -> int:
         if eod is None:
-            eod = self._sp.eos_id()
-            if eod < 0:
-                raise DataError(
-                    f"SentencePiece model {path!r} (from --tokenizer-model) has no eos piece; "
-                    "name the end-of-document piece with --eod-token"
-                )
+            eod = self._default_eod()
         elif isinstance(eod, str):
-            piece = eod
-            eod = self._sp.piece_to_id(piece)
-            if self._sp.id_to_piece(eod) != piece:
-                raise DataError(f"SentencePiece model {path!r} has no piece {piece!r} (from "
-                                "--eod-token)")
+            if eod not in self._vocab:
+                raise DataError(f"SentencePiece tokenizer {self.name!r} has no piece {eod!r} "
+                                "(from --eod-token)")
+            eod = self._vocab[eod]
         if not 0 <= eod < self.vocab_size:
-            raise DataError(f"EOD id {eod} is outside the vocabulary of tokenizer {path!r}")
-        self.eod = int(eod)
+            raise DataError(f"EOD id {eod} is outside the vocabulary of tokenizer {self.name!r}")
+        return int(eod)
 
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
         # One thread: parallelism comes from the worker processes.
@@ -283,22 +322,81 @@ class SentencePieceEncoder:
         return self._sp.decode(list(ids))
 
     def vocab(self) -> dict[str, int]:
-        return {self._sp.id_to_piece(i): i for i in range(self.vocab_size)}
+        return dict(self._vocab)
+
+
+class LegacySentencePieceEncoder(SentencePieceEncoder):
+    """Megatron-LM's legacy ``SentencePieceTokenizer`` (``--legacy-tokenizer``): special tokens
+    past the pieces, matched in the text; EOD is ``<EOD>``."""
+
+    def __init__(self, path: str, eod: str | int | None = None) -> None:
+        super().__init__(path, eod)
+        pad, _, eos = self._model_tokens()
+        self.pad, self.eos = self._vocab[pad], self._vocab[eos]
+
+    def _build_vocab(self) -> dict[str, int]:
+        vocab = super()._build_vocab()
+        # Insertion order matters: it breaks ties between matches at one position.
+        self.special_tokens: dict[str, int] = {}
+        for token in ("<CLS>", "<SEP>", "<EOD>", "<MASK>", *self._model_tokens()):
+            self.special_tokens[token] = vocab.setdefault(token, len(vocab))
+        self._special_of_id = {i: token for token, i in self.special_tokens.items()}
+        return vocab
+
+    def _model_tokens(self) -> tuple[str, str, str]:
+        """pad, bos, eos: the model's pieces, or <PAD>, <BOS>, <EOS> where it has none."""
+        ids = (self._sp.pad_id(), self._sp.bos_id(), self._sp.eos_id())
+        return tuple(self._piece(i) or fallback for i, fallback in zip(ids, ("<PAD>", "<BOS>",
+                                                                             "<EOS>")))
+
+    def _default_eod(self) -> int:
+        return self.special_tokens["<EOD>"]
+
+    def _encode(self, text: str) -> list[int]:
+        ids: list[int] = []
+        start = 0
+        while True:
+            found = {t: text.find(t, start) for t in self.special_tokens}
+            found = {t: at for t, at in found.items() if at >= 0}
+            if not found:
+                return ids + self._sp.encode_as_ids(text[start:])
+            token = min(found, key=found.get)  # the earliest; at a tie the first added
+            ids += self._sp.encode_as_ids(text[start:found[token]])
+            ids.append(self.special_tokens[token])
+            start = found[token] + len(token)
+
+    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
+        return [self._encode(text) if any(t in text for t in self.special_tokens)
+                else ids for text, ids in zip(texts, super().encode_batch(texts))]
+
+    def decode(self, ids: Sequence[int]) -> str:
+        ids = list(ids)
+        text, start = "", 0
+        for i, token_id in enumerate(ids):
+            if token_id in self._special_of_id:
+                text += f"{self._sp.decode_ids(ids[start:i])} {self._special_of_id[token_id]} "
+                start = i + 1
+        return text + self._sp.decode_ids(ids[start:])
 
 
 class Llama2Encoder(SentencePieceEncoder):
-    """Megatron's ``Llama2Tokenizer``: the model's BOS id starts every text; EOD is its eos."""
+    """Megatron-LM's legacy ``Llama2Tokenizer`` (``--legacy-tokenizer``): the model's BOS id
+    starts every text; EOD is its eos."""
 
     def __init__(self, path: str, eod: str | int | None = None) -> None:
         super().__init__(path, eod)
         self.bos = self._sp.bos_id()
-        if self.bos < 0:
+        if self._piece(self.bos) is None:
             raise DataError(f"SentencePiece model {path!r} (from --tokenizer-model) has no bos "
-                            "piece, which --tokenizer-type Llama2Tokenizer puts before every "
-                            "text; use GPTSentencePieceTokenizer")
+                            "piece, which --tokenizer-type Llama2Tokenizer --legacy-tokenizer "
+                            "puts before every text; use GPTSentencePieceTokenizer")
+        self.pad = -1  # Megatron-LM's legacy Llama2Tokenizer has no pad: megatron-core uses -1
 
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
         return [[self.bos] + ids for ids in super().encode_batch(texts)]
+
+
+LEGACY_SPM_ENCODERS = dict(zip(LEGACY_TYPES, (LegacySentencePieceEncoder, Llama2Encoder)))
 
 
 class NullEncoder:

@@ -68,8 +68,17 @@ class PathMoETokenizer(_MegatronBase):
 
     @property
     def eos(self) -> int:
-        # GPT convention: one token ends a document and a sequence.
-        return self.encoder.eod
+        # GPT convention: one token ends a document and a sequence (Megatron-LM's legacy
+        # SentencePieceTokenizer has both: eod <EOD>, eos the model's).
+        return getattr(self.encoder, "eos", self.encoder.eod)
+
+    @property
+    def pad(self) -> int:
+        """The id megatron-core's GPTDataset masks out of the loss (the SentencePiece types
+        have one as in Megatron-LM, possibly -1); the others have none (megatron-core: -1)."""
+        if not hasattr(self.encoder, "pad"):
+            return super().pad  # raises NotImplementedError, as megatron-core expects
+        return self.encoder.pad
 
     def tokenize(self, text: str) -> list[int]:
         return self.encoder.encode_batch([text])[0]

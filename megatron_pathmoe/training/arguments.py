@@ -111,6 +111,7 @@ class TrainingConfig:
     merge_file: str | None = None
     eod_token: str | None = None
     vocab_size: int | None = None  # --vocab-size (NullTokenizer)
+    legacy_tokenizer: bool = False  # --legacy-tokenizer (SentencePiece, Llama2 tokenizers)
     data_cache_path: str | None = None
     device: str = "auto"
     transformer_impl: str | None = None  # None: platform.gpu.default_transformer_impl(device)
@@ -134,7 +135,7 @@ class TrainingConfig:
         eod = self.eod_token
         return TokenizerSpec(self.tokenizer_type, self.tokenizer_model or None, self.vocab_file,
                              self.merge_file, int(eod) if eod and eod.isdigit() else eod,
-                             self.vocab_size)
+                             self.vocab_size, self.legacy_tokenizer)
 
     def lr_schedule(self) -> LRSchedule:
         """The scheduler's warmup, decay and weight-decay steps (Megatron-LM's

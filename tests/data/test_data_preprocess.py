@@ -156,7 +156,7 @@ def test_split_sentences_writes_one_sequence_per_sentence(tokenizer, tmp_path):
     assert [ds[i].tolist() for i in range(len(ds))] == sequences
 
 
-@pytest.mark.parametrize("kind", ["gpt2", "sentencepiece", "llama2"])
+@pytest.mark.parametrize("kind", ["gpt2", "sentencepiece", "sentencepiece-legacy", "llama2", "llama2-legacy"])
 def test_other_tokenizer_types_through_the_pipeline(kind, small_jsonl, small_docs, gpt2_files, spm_model,
                                                    tmp_path):
     from megatron_pathmoe.data import TokenizerSpec, load_tokenizer
@@ -164,14 +164,17 @@ def test_other_tokenizer_types_through_the_pipeline(kind, small_jsonl, small_doc
     if kind == "gpt2":
         spec = TokenizerSpec("GPT2BPETokenizer", vocab_file=gpt2_files[0], merge_file=gpt2_files[1])
     else:
-        spec = TokenizerSpec("Llama2Tokenizer" if kind == "llama2" else "SentencePieceTokenizer", spm_model)
+        name = "Llama2Tokenizer" if kind.startswith("llama2") else "SentencePieceTokenizer"
+        spec = TokenizerSpec(name, spm_model, legacy=kind.endswith("-legacy"))
     summary = _run(small_jsonl, tmp_path, spec, workers=2)
     tok = load_tokenizer(spec)
     ds = IndexedDataset(summary["prefixes"]["text"])
-    # As Megatron-LM: a document is kept when it has tokens, so with Llama2's BOS the empty text
-    # is [bos, eod].
+    # As Megatron-LM: a document is kept when it has tokens, so with the legacy Llama2's BOS the
+    # empty text is [bos, eod]; the legacy SentencePiece ends documents with its own <EOD>.
     expected = [ids + [tok.eod] for ids in (tok.tokenize(d["text"]) for d in small_docs) if ids]
-    assert len(ds) == len(expected) == 40 + (kind == "llama2")
+    assert len(ds) == len(expected) == 40 + (kind == "llama2-legacy")
+    if kind == "sentencepiece-legacy":  # <EOD> is the 3rd id past the model's 300 pieces
+        assert ds[0].tolist()[-1] == tok.eod == 302
     for i in (0, 7, 17, len(expected) - 1):
         assert ds[i].tolist() == expected[i]
 

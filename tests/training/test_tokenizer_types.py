@@ -5,12 +5,14 @@ iterations on it and saves, the original tokenizer files are moved away, and the
 checkpoint alone: its tokenizer rebuilds the ids preprocessing wrote (the documents and the
 first training sample), ``tools/evaluate.py`` scores a task and the perplexity, the Hugging Face
 export tokenizes like training did, and a different tokenizer is refused with one line by
-``--load`` and by the evaluator.
+``--load`` and by the evaluator. ``TYPE+legacy`` runs the type with ``--legacy-tokenizer``
+(Megatron-LM's legacy classes: SentencePieceTokenizer's <EOD> past the pieces, Llama2's BOS).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import gzip
 import importlib.util
 import json
@@ -27,7 +29,11 @@ from megatron_pathmoe.data.encoders import add_tokenizer_arguments, spec_from_ar
 from tests.conftest import REPO, run_cli
 
 TYPES = ("HuggingFaceTokenizer", "GPT2BPETokenizer", "SentencePieceTokenizer",
-         "GPTSentencePieceTokenizer", "Llama2Tokenizer", "NullTokenizer")
+         "SentencePieceTokenizer+legacy", "GPTSentencePieceTokenizer", "Llama2Tokenizer",
+         "Llama2Tokenizer+legacy", "NullTokenizer")
+LEGACY = "+legacy"
+# Text with the legacy SentencePieceTokenizer's special tokens, which it matches as ids.
+SPECIAL_TEXT = "To be<EOD>or not<CLS>to be</s>that is<MASK>the question"
 NULL_VOCAB = 500
 SEQ = 32
 MODEL = ["--device", "cpu", "--num-layers", "2", "--hidden-size", "32", "--num-attention-heads",
@@ -60,6 +66,8 @@ def gpt2_files_from_demo(folder: str) -> tuple[str, str]:
 def tokenizer_flags(kind: str, folder: str) -> list[str]:
     """The Megatron-LM flags naming a tokenizer of ``kind`` whose files are in ``folder``."""
     os.makedirs(folder, exist_ok=True)
+    if kind.endswith(LEGACY):
+        return tokenizer_flags(kind.removesuffix(LEGACY), folder) + ["--legacy-tokenizer"]
     flags = ["--tokenizer-type", kind]
     if kind == "HuggingFaceTokenizer":
         path = shutil.copy(default_demo_paths()["tokenizer"], folder)
@@ -86,7 +94,10 @@ def documents(kind: str) -> list[str]:
                 for _ in range(30)]
     with gzip.open(default_demo_paths()["valid_jsonl"], "rt", encoding="utf-8") as f:
         texts = [json.loads(line)["text"] for line in f]
-    return [t for t in texts if len(t) > 400][:30]
+    texts = [t for t in texts if len(t) > 400][:30]
+    if kind.endswith(LEGACY):
+        texts[1] += SPECIAL_TEXT
+    return texts
 
 
 def first_training_sample(tokenizer, prefix: str) -> tuple[list[int], list[int]]:
@@ -134,7 +145,7 @@ def test_checkpoint_rebuilds_the_ids_preprocessing_wrote(trained):
     kind, _, ckpt, prefix, docs, _ = trained
     run = read_run_config(ckpt)
     spec = run.tokenizer
-    assert spec.tokenizer_type == kind
+    assert (spec.tokenizer_type, spec.legacy) == (kind.removesuffix(LEGACY), kind.endswith(LEGACY))
     for path in (spec.tokenizer_model, spec.vocab_file, spec.merge_file):
         assert path is None or os.path.dirname(path) == os.path.dirname(run.tokenizer_path)
     tokenizer = load_tokenizer(spec)
@@ -142,8 +153,13 @@ def test_checkpoint_rebuilds_the_ids_preprocessing_wrote(trained):
     if kind == "NullTokenizer":
         assert tokenizer.vocab_size == NULL_VOCAB + 1 and tokenizer.eod == NULL_VOCAB
     expected = [tokenizer.tokenize(d) + [tokenizer.eod] for d in docs]
-    if kind == "Llama2Tokenizer":  # Megatron-LM's Llama2Tokenizer: BOS starts every document
-        assert all(ids[0] == 1 for ids in expected)
+    if kind.startswith(("SentencePiece", "GPTSentencePiece", "Llama2")):
+        # Megatron-LM's legacy Llama2Tokenizer: BOS starts every document; without
+        # --legacy-tokenizer no SentencePiece type adds one.
+        assert all((ids[0] == 1) == (kind == "Llama2Tokenizer+legacy") for ids in expected)
+    if kind == "SentencePieceTokenizer+legacy":  # <CLS> <SEP> <EOD> <MASK> <PAD> past 32,000
+        assert (tokenizer.vocab_size, tokenizer.eod) == (32005, 32002)
+        assert {32000, 32002, 32003, 2} <= set(expected[1])
     written = IndexedDataset(prefix)
     assert [written[i].tolist() for i in range(len(written))] == expected
     sample, order = first_training_sample(tokenizer, prefix)
@@ -202,7 +218,8 @@ def _other_tokenizer(kind: str, folder: str) -> tuple[list[str], TokenizerSpec]:
             f.write(text.replace('"<|endoftext|>"', '"<|eot|>"', 1))
         return ["--tokenizer-model", other], TokenizerSpec(kind, other, eod="<|eot|>")
     other = shutil.copy(mistral_model("mistral_instruct_tokenizer_240216.model.v2"), folder)
-    return ["--tokenizer-model", other], TokenizerSpec(kind, other)
+    name = kind.removesuffix(LEGACY)
+    return ["--tokenizer-model", other], TokenizerSpec(name, other, legacy=kind.endswith(LEGACY))
 
 
 def test_a_different_tokenizer_is_refused_in_one_line(trained, tmp_path, capsys):
@@ -221,6 +238,11 @@ def test_a_different_tokenizer_is_refused_in_one_line(trained, tmp_path, capsys)
         check_resumable(ckpt, run.model, other)
     message = str(refused.value)
     assert "another tokenizer" in message and "\n" not in message
+    if kind.startswith(("SentencePieceTokenizer", "Llama2Tokenizer")):  # the same files, the
+        flipped = dataclasses.replace(run.tokenizer, legacy=not run.tokenizer.legacy)  # other class
+        with pytest.raises(ConfigError, match="--legacy-tokenizer") as refused:
+            check_resumable(ckpt, run.model, flipped)
+        assert "\n" not in str(refused.value)
     with pytest.raises(SystemExit) as exited:
         evaluate_main(["--load", ckpt, "--tasks", "boolq", *eval_flags])
     err = capsys.readouterr().err.strip()
@@ -240,14 +262,16 @@ def test_checkpoint_converts_to_hugging_face(trained, megatron_world1, tmp_path,
     config = json.load(open(os.path.join(out, "config.json")))
     tokenizer = load_tokenizer(run.tokenizer)
     assert config["eos_token_id"] == tokenizer.eod == config["pad_token_id"]
-    bos = tokenizer.tokenize("")[0] if kind == "Llama2Tokenizer" else tokenizer.eod
+    bos = tokenizer.tokenize("")[0] if kind == "Llama2Tokenizer+legacy" else tokenizer.eod
     assert config["bos_token_id"] == bos
     assert config["vocab_size"] >= tokenizer.vocab_size
     # The way back restores the same tokenizer (type, files, EOD, --vocab-size).
     back = str(tmp_path / "back")
     assert convert_main(["to-megatron", "--hf", out, "--save", back]) == 0
     returned = read_run_config(back)
-    assert returned.tokenizer.tokenizer_type == kind
+    assert returned.tokenizer == dataclasses.replace(run.tokenizer, **{
+        name: getattr(returned.tokenizer, name) for name in ("tokenizer_model", "vocab_file",
+                                                             "merge_file")})
     assert tokenizer_differences(returned, run.tokenizer) == []
     if kind == "NullTokenizer":  # ids are the text: no tokenizer, a note says so
         assert not os.path.exists(os.path.join(out, "tokenizer_config.json"))
@@ -260,6 +284,9 @@ def test_checkpoint_converts_to_hugging_face(trained, megatron_world1, tmp_path,
     assert hf.eos_token_id == tokenizer.eod
     ids = np.asarray(tokenizer.tokenize(SENTENCE))
     assert hf.decode(ids.tolist(), skip_special_tokens=True) == SENTENCE
+    if kind == "SentencePieceTokenizer+legacy":  # its special tokens are added tokens, same ids
+        assert len(hf) == tokenizer.vocab_size == 32005
+        assert hf(SPECIAL_TEXT).input_ids == tokenizer.tokenize(SPECIAL_TEXT)
 
 
 def test_a_record_written_before_tokenizer_types_still_reads(tmp_path):
