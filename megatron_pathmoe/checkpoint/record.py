@@ -44,6 +44,13 @@ CHANGEABLE_FIELDS = frozenset({
     "sequence_parallel", "virtual_pipeline_model_parallel_size", "moe_token_dispatcher_type",
     "attention_dropout", "hidden_dropout", "moe_aux_loss_coeff", "moe_z_loss_coeff",
     "moe_router_bias_update_rate", "moe_path_restriction", "moe_path_restriction_top_k",
+    # Performance switches and token dropping change how a step runs, not the weights: a
+    # requeued job may turn on recompute after an OOM, or fused kernels on another cluster.
+    "recompute_granularity", "recompute_method", "recompute_num_layers", "recompute_modules",
+    "moe_grouped_gemm", "moe_permute_fusion", "moe_router_dtype",
+    "moe_router_load_balancing_type", "moe_expert_capacity_factor",
+    "moe_pad_expert_input_to_capacity", "moe_token_drop_policy",
+    "max_position_embeddings",  # RoPE: no position weights
 })
 assert CHANGEABLE_FIELDS <= {f.name for f in dataclasses.fields(PathMoEConfig)}, \
     "CHANGEABLE_FIELDS names a field PathMoEConfig does not have"

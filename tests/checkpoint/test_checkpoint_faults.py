@@ -71,6 +71,20 @@ def test_resume_is_bitwise_exact_world1(demo_data, reference, tmp_path):
     assert resumed["valid_loss"] == reference["summary"]["valid_loss"]
 
 
+def test_resume_may_turn_on_recompute_and_capacity(demo_data, reference, tmp_path):
+    """A requeued job may change performance switches (recompute is exact) and token dropping;
+    the weights, optimizer and data position carry over."""
+    _train(demo_data, tmp_path / "s.json", "--train-iters", str(ITERS), "--routing",
+           "independent", "--recompute-granularity", "full", "--recompute-method", "uniform",
+           "--recompute-num-layers", "1", "--load", str(reference["ckpt"] / "iter_0000002"))
+    assert _summary(tmp_path / "s.json")["train_losses"] == \
+        reference["summary"]["train_losses"][2:]
+    _train(demo_data, tmp_path / "c.json", "--train-iters", "3", "--routing", "independent",
+           "--moe-expert-capacity-factor", "1.0", "--load",
+           str(reference["ckpt"] / "iter_0000002"))
+    assert _summary(tmp_path / "c.json")["start_iteration"] == 2
+
+
 def test_resume_is_bitwise_exact_world2_distributed_optimizer(demo_data, tmp_path):
     extra = ["--routing", "path", "--path-block-size", "2", "--use-distributed-optimizer",
              "--train-iters", "4"]
