@@ -178,6 +178,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "Launch with torchrun (also --nproc_per_node 1); runs on CPU over gloo "
                     "when no GPU is present.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        allow_abbrev=False,  # as Megatron-LM: a misspelt flag is an error, not another flag
     )
     model, train = PathMoEConfig(), TrainingConfig()
     _model_flags(parser, model)

@@ -176,3 +176,8 @@ def test_readme_lists_every_unsupported_flag():
     readme = open(os.path.join(REPO, "README.md")).read()
     section = readme[readme.index("## Coming from Megatron-LM"):]
     assert [flag for flag in UNSUPPORTED if f"`{flag}" not in section] == []
+
+
+def test_an_abbreviated_flag_is_an_error_as_in_megatron_lm(capsys):
+    err = _error(capsys, ["--train-iter", "5"])  # --train-iters, misspelt
+    assert "unrecognized arguments: --train-iter" in err
