@@ -5,6 +5,7 @@ before, and ``tools/make_demo_corpus.py`` (:func:`make_demo_corpus_main`)."""
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import json
 import os
 import signal
@@ -135,6 +136,8 @@ def preprocess_main(argv: list[str] | None = None) -> int:
     if bool(args.input) == bool(args.merge):
         parser.error("give either --input (tokenize) or --merge (concatenate datasets)")
     previous = signal.signal(signal.SIGTERM, _interrupt)
+    if hasattr(signal, "SIGUSR1"):  # `kill -USR1 PID` prints every thread's stack (a hang)
+        faulthandler.register(signal.SIGUSR1, all_threads=True)
     try:
         if args.merge:
             merge_datasets(args.merge, args.output_prefix, quiet=args.quiet)

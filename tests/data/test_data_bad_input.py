@@ -184,6 +184,19 @@ def _pairs(prefix: str) -> list[str]:
     return [p for p in glob.glob(prefix + "*") if p.endswith((".bin", ".idx"))]
 
 
+def _communicate_or_dump_stacks(proc: subprocess.Popen, timeout: float) -> str:
+    """The tool's stderr once it exits; if it hangs, fail with every thread's stack (the tool
+    registers faulthandler on SIGUSR1)."""
+    try:
+        return proc.communicate(timeout=timeout)[1]
+    except subprocess.TimeoutExpired:
+        proc.send_signal(signal.SIGUSR1)
+        time.sleep(5)
+        proc.kill()
+        _, err = proc.communicate()
+        pytest.fail(f"no exit {timeout} s after Ctrl-C; its threads:\n{err}")
+
+
 def test_ctrl_c_removes_partial_outputs_and_keeps_the_old_dataset(small_docs, small_jsonl, tokenizer, tmp_path):
     prefix = str(tmp_path / "run")
     old = preprocess(small_jsonl, prefix, tokenizer.path, quiet=True)["prefixes"]["text"]
@@ -191,7 +204,7 @@ def test_ctrl_c_removes_partial_outputs_and_keeps_the_old_dataset(small_docs, sm
     proc, done = _start_on_fifo(tmp_path, small_docs, tokenizer.path, prefix, workers=2)
     workers = psutil.Process(proc.pid).children()
     proc.send_signal(signal.SIGINT)
-    _, err = proc.communicate(timeout=60)
+    err = _communicate_or_dump_stacks(proc, timeout=120)
     done.set()
     assert proc.returncode == 130 and "interrupted: partial outputs removed" in err, err
     assert sorted(_pairs(prefix)) == [old + ".bin", old + ".idx"]  # the previous dataset is untouched
