@@ -13,7 +13,7 @@ import os
 import signal
 import sys
 from collections import Counter, deque
-from contextlib import closing
+from contextlib import closing, contextmanager
 from dataclasses import dataclass, field
 from typing import Iterator, Sequence, TextIO
 
@@ -110,8 +110,29 @@ def die_with_parent() -> None:
         ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
 
 
+# Signals the tool stops on. A signal sent to the process goes to any thread that does not block
+# it; if one of Pool's helper threads took a Ctrl-C, the main thread, blocked reading a pipe or
+# FIFO, would never see it (a hang). So the pool's threads are started with them blocked.
+_STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM}
+
+
+@contextmanager
+def _stop_signals_blocked() -> Iterator[None]:
+    """Threads and processes started inside inherit SIGINT/SIGTERM blocked (POSIX)."""
+    if not hasattr(signal, "pthread_sigmask"):
+        yield
+        return
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+
+
 def _init_worker(spec: TokenizerSpec, opts: EncodeOptions) -> None:
     global _WORKER
+    if hasattr(signal, "pthread_sigmask"):  # forked inside _stop_signals_blocked
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
     die_with_parent()
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is handled once, by the main process
     # Pool.terminate(): end quietly, whatever the parent set.
@@ -137,7 +158,9 @@ def encoded_blocks(blocks: Iterator[Block], opts: EncodeOptions, spec: Tokenizer
         for block in blocks:
             yield block, encode_block(block, opts, encoder)
         return
-    with mp_context().Pool(workers, initializer=_init_worker, initargs=(spec, opts)) as pool:
+    with _stop_signals_blocked():
+        pool = mp_context().Pool(workers, initializer=_init_worker, initargs=(spec, opts))
+    with pool:
         pending: deque = deque()
         for block in blocks:
             pending.append((block, pool.apply_async(_encode_in_worker, (block,))))

@@ -7,6 +7,7 @@ import glob
 import gzip
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -161,6 +162,13 @@ def _feed_fifo(path: str, payload: bytes, done: threading.Event) -> None:
         done.wait(120)
 
 
+def _default_sigint() -> None:
+    # A suite launched in the background (`cmd &` without job control, nohup) ignores SIGINT,
+    # and an ignored SIGINT stays ignored in children: Python then never raises
+    # KeyboardInterrupt, and the Ctrl-C below would be lost (seen as a hang).
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _start_on_fifo(tmp_path: Path, small_docs, tokenizer_path: str, prefix: str, workers: int):
     fifo = str(tmp_path / "input.jsonl")
     os.mkfifo(fifo)
@@ -170,7 +178,8 @@ def _start_on_fifo(tmp_path: Path, small_docs, tokenizer_path: str, prefix: str,
     feeder.start()
     proc = subprocess.Popen([sys.executable, CLI, "--input", fifo, "--output-prefix", prefix, "--tokenizer-model",
                              tokenizer_path, "--append-eod", "--workers", str(workers)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=_default_sigint)
     # Wait until tokens were written to the temporary .bin: the run is mid-way, blocked on input.
     deadline = time.monotonic() + 120
     while not any(os.path.getsize(p) for p in glob.glob(prefix + "_text_document.bin.tmp-*")):
@@ -182,6 +191,16 @@ def _start_on_fifo(tmp_path: Path, small_docs, tokenizer_path: str, prefix: str,
 
 def _pairs(prefix: str) -> list[str]:
     return [p for p in glob.glob(prefix + "*") if p.endswith((".bin", ".idx"))]
+
+
+def _threads_blocking_sigint(pid: int) -> dict[int, bool]:
+    """Linux: thread id -> whether its signal mask blocks SIGINT."""
+    bit = 1 << (signal.SIGINT - 1)
+    masks = {}
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        status = Path(f"/proc/{pid}/task/{tid}/status").read_text()
+        masks[int(tid)] = bool(int(re.search(r"SigBlk:\s*([0-9a-f]+)", status)[1], 16) & bit)
+    return masks
 
 
 def _communicate_or_dump_stacks(proc: subprocess.Popen, timeout: float) -> str:
@@ -203,6 +222,10 @@ def test_ctrl_c_removes_partial_outputs_and_keeps_the_old_dataset(small_docs, sm
     old_bytes = Path(old + ".bin").read_bytes(), Path(old + ".idx").read_bytes()
     proc, done = _start_on_fifo(tmp_path, small_docs, tokenizer.path, prefix, workers=2)
     workers = psutil.Process(proc.pid).children()
+    # Only the main thread (blocked reading the FIFO) may take the Ctrl-C: a pool thread that
+    # took it would leave the read blocked forever (a hang seen under load).
+    blocking = _threads_blocking_sigint(proc.pid)
+    assert not blocking.pop(proc.pid) and len(blocking) >= 3 and all(blocking.values())
     proc.send_signal(signal.SIGINT)
     err = _communicate_or_dump_stacks(proc, timeout=120)
     done.set()
