@@ -39,6 +39,13 @@ class ConfigError(ValueError):
     """A configuration that cannot run; the message names the flag and the fix."""
 
 
+def dataclass_from_namespace(cls: type, ns: Any) -> Any:
+    """``cls`` built from the parsed flags whose names are its fields (argparse's ``dest`` is the
+    field name); fields the parser did not define keep their defaults."""
+    return cls(**{f.name: getattr(ns, f.name) for f in dataclasses.fields(cls)
+                  if hasattr(ns, f.name)})
+
+
 @dataclass
 class PathMoEConfig:
     # Model shape (paper, Appendix B: RMSNorm, SwiGLU experts, RoPE, GQA).

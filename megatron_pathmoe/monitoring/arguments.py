@@ -5,10 +5,9 @@ has them, plus the few PathMoE adds. ``add_monitoring_args`` builds the argparse
 from __future__ import annotations
 
 import argparse
-import dataclasses
 from dataclasses import dataclass, field
 
-from megatron_pathmoe.config import ConfigError
+from megatron_pathmoe.config import ConfigError, dataclass_from_namespace
 
 TIMING_LOG_LEVELS = (0, 1, 2)
 TIMING_LOG_OPTIONS = ("minmax", "max", "all")
@@ -50,8 +49,7 @@ class MonitoringConfig:
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> "MonitoringConfig":
         """The fields of ``args`` that ``add_monitoring_args`` defined, validated."""
-        names = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in vars(args).items() if k in names}).validate()
+        return dataclass_from_namespace(cls, args).validate()
 
     def validate(self) -> "MonitoringConfig":
         for flag, value in (("--tensorboard-log-interval", self.tensorboard_log_interval),

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import argparse
 import os
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 
 from megatron_pathmoe.config import (
     DISPATCHER_CHOICES,
@@ -16,6 +16,7 @@ from megatron_pathmoe.config import (
     SCORE_FUNCTION_CHOICES,
     ConfigError,
     PathMoEConfig,
+    dataclass_from_namespace,
 )
 from megatron_pathmoe.data.encoders import (
     TokenizerSpec,
@@ -422,10 +423,6 @@ def _checkpointing_flags(parser: argparse.ArgumentParser, t: TrainingConfig) -> 
                         "skipped steps")
 
 
-def _pick(cls, ns: argparse.Namespace):
-    return cls(**{f.name: getattr(ns, f.name) for f in fields(cls) if hasattr(ns, f.name)})
-
-
 def parse_args(argv: list[str] | None = None) -> tuple[PathMoEConfig, TrainingConfig]:
     """Parse and validate; exits with a one-line error naming the flag on bad input."""
     parser = build_parser()
@@ -435,7 +432,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[PathMoEConfig, TrainingCo
         _resolve_budget(ns)
     except ConfigError as err:
         parser.error(str(err))
-    model, train = _pick(PathMoEConfig, ns), _pick(TrainingConfig, ns)
+    model = dataclass_from_namespace(PathMoEConfig, ns)
+    train = dataclass_from_namespace(TrainingConfig, ns)
     train.tokenizer_model = ns.tokenizer_model or ""
     has_tokenizer = spec_from_arguments(ns) is not None
     missing = [flag for flag, value in (("--data-path", ns.data_path or ns.mock_data),

@@ -9,10 +9,10 @@ import argparse
 import os
 import signal
 import time
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import Any
 
-from megatron_pathmoe.config import ConfigError, PathMoEConfig
+from megatron_pathmoe.config import ConfigError, PathMoEConfig, dataclass_from_namespace
 from megatron_pathmoe.data.encoders import TokenizerSpec
 
 CKPT_FORMATS = ("torch_dist",)  # --ckpt-format: the one megatron-core dist checkpointing writes
@@ -34,7 +34,7 @@ class ClusterConfig:
 
     @classmethod
     def from_args(cls, ns: argparse.Namespace) -> "ClusterConfig":
-        return cls(**{f.name: getattr(ns, f.name) for f in fields(cls)})
+        return dataclass_from_namespace(cls, ns)
 
     def load_options(self) -> Any:
         """What ``--load`` restores (``checkpoint.LoadOptions``)."""

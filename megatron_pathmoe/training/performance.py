@@ -7,7 +7,7 @@ grouped GEMM and fused permutation). ``PathMoEConfig.validate`` checks the latte
 from __future__ import annotations
 
 import argparse
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 
 from megatron_pathmoe.config import (
     LOAD_BALANCING_CHOICES,
@@ -18,6 +18,7 @@ from megatron_pathmoe.config import (
     TOKEN_DROP_POLICY_CHOICES,
     ConfigError,
     PathMoEConfig,
+    dataclass_from_namespace,
 )
 
 
@@ -30,7 +31,7 @@ class PerformanceConfig:
 
     @classmethod
     def from_args(cls, ns: argparse.Namespace) -> "PerformanceConfig":
-        return cls(**{f.name: getattr(ns, f.name) for f in fields(cls) if hasattr(ns, f.name)})
+        return dataclass_from_namespace(cls, ns)
 
 
 def add_performance_args(parser: argparse.ArgumentParser) -> None:
