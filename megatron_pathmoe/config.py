@@ -24,7 +24,8 @@ SCORE_FUNCTION_CHOICES = ("softmax", "sigmoid")
 POSITION_EMBEDDING_CHOICES = ("rope", "none")
 DISPATCHER_CHOICES = ("alltoall", "allgather")
 # megatron-core 0.16.1's router options (Megatron-LM's --moe-router-* choices that fit here).
-LOAD_BALANCING_CHOICES = ("aux_loss", "seq_aux_loss", "global_aux_loss", "none")
+# sinkhorn (S-BASE) is not a loss: training selects the top-k of Sinkhorn-balanced scores.
+LOAD_BALANCING_CHOICES = ("aux_loss", "seq_aux_loss", "global_aux_loss", "none", "sinkhorn")
 ROUTER_DTYPE_CHOICES = ("fp32", "fp64")
 TOKEN_DROP_POLICY_CHOICES = ("probs", "position")
 RECOMPUTE_GRANULARITY_CHOICES = ("full", "selective")
@@ -232,14 +233,39 @@ class PathMoEConfig:
         _require(self.moe_router_bias_update_rate > 0,
                  "--moe-router-bias-update-rate must be > 0")
         _require(self.moe_router_topk > 1 or self.moe_router_pre_softmax
-                 or self.moe_router_score_function == "sigmoid",
+                 or self.moe_router_score_function == "sigmoid"
+                 or self.moe_router_load_balancing_type == "sinkhorn",
                  "--moe-router-topk 1 with softmax scores needs --moe-router-pre-softmax (a "
                  "softmax over the one selected logit is constant and passes no gradient)")
         _require(self.moe_router_load_balancing_type in LOAD_BALANCING_CHOICES,
                  f"--moe-router-load-balancing-type {self.moe_router_load_balancing_type!r}: "
                  f"choose one of {', '.join(LOAD_BALANCING_CHOICES)}")
+        if self.moe_router_load_balancing_type == "sinkhorn":
+            self._validate_sinkhorn()
         _require(self.moe_router_dtype in ROUTER_DTYPE_CHOICES,
                  f"--moe-router-dtype must be one of {', '.join(ROUTER_DTYPE_CHOICES)}")
+
+    def _validate_sinkhorn(self) -> None:
+        """megatron-core's sinkhorn routing scores with its own function (softmax over the
+        experts for top-k > 1, sigmoid for top-1) and skips the top-k replay seam."""
+        flag = "--moe-router-load-balancing-type sinkhorn"
+        _require(self.moe_aux_loss_coeff == 0,
+                 f"{flag} balances without an aux loss: leave out --moe-aux-loss-coeff "
+                 f"(got {self.moe_aux_loss_coeff})")
+        _require(self.moe_router_score_function == "softmax",
+                 f"{flag} chooses the score function itself (softmax for top-k > 1, sigmoid "
+                 "for top-1): leave out --moe-router-score-function sigmoid")
+        _require(self.moe_path_restriction is None,
+                 f"{flag} ignores --moe-path-restriction (it selects experts outside "
+                 "megatron-core's top-k replay); use another --moe-router-load-balancing-type")
+
+    @property
+    def renormalises_topk(self) -> bool:
+        """Whether the gate weights of the selected experts are renormalised to sum to 1 at
+        inference: megatron's top-k without pre-softmax does; pre-softmax and sinkhorn (the
+        softmax over all experts, masked) do not."""
+        return not self.moe_router_pre_softmax and self.moe_router_load_balancing_type != \
+            "sinkhorn"
 
     def _validate_capacity(self) -> None:
         """Megatron-LM's rules for token dropping."""

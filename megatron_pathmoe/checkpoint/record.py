@@ -177,6 +177,11 @@ def check_compatible(saved: PathMoEConfig, current: PathMoEConfig, where: str) -
     differing = [f"{name}: checkpoint {old.get(name)!r} vs now {new.get(name)!r}"
                  for name in sorted(set(old) | set(new))
                  if name not in CHANGEABLE_FIELDS and old.get(name) != new.get(name)]
+    balancing = (saved.moe_router_load_balancing_type, current.moe_router_load_balancing_type)
+    if balancing[0] != balancing[1] and "sinkhorn" in balancing:
+        # The aux-loss types only weigh a loss; sinkhorn changes the gate function itself.
+        differing.append(f"moe_router_load_balancing_type: checkpoint {balancing[0]!r} vs now "
+                         f"{balancing[1]!r} (sinkhorn routing scores tokens differently)")
     if differing:
         raise CheckpointError(
             f"{where} was trained with a different model; resuming would not continue that "

@@ -8,6 +8,8 @@ equals ours exactly for BOTH router settings:
   the top-k weights. ``norm_topk_prob=False`` is megatron's ``moe_router_pre_softmax=True`` (the
   paper's eq. 3.1-3.2, no renormalisation); ``norm_topk_prob=True`` is megatron's
   ``pre_softmax=False`` (softmax over the top-k logits = renormalised top-k probabilities).
+  A model trained with ``sinkhorn`` routing (top-k > 1) infers as ``pre_softmax=True``: the
+  Sinkhorn balancing only chooses the experts during training.
 - attention: no q/k norms; the q/k/v biases are switched off by ``qkv_bias=False``; GQA via
   ``num_key_value_heads``; RoPE with the same rotate-half (non-interleaved) layout and inverse
   frequencies as megatron's ``RotaryEmbedding``; RMSNorm everywhere; SwiGLU experts.
@@ -72,6 +74,10 @@ def check_exportable(cfg: PathMoEConfig) -> None:
     if score != "softmax":
         raise ConversionError(f"--moe-router-score-function {score}: Qwen2-MoE routes with a "
                               "softmax; a sigmoid-scored model has no exact Hugging Face export")
+    if cfg.moe_router_load_balancing_type == "sinkhorn" and cfg.moe_router_topk == 1:
+        raise ConversionError("--moe-router-load-balancing-type sinkhorn with --moe-router-topk "
+                              "1 gates with a sigmoid; Qwen2-MoE routes with a softmax, so "
+                              "this model has no exact Hugging Face export")
     head = cfg.hidden_size // cfg.num_attention_heads
     for flag, value, hf in (("--kv-channels", cfg.kv_channels or head, head),
                             ("--rotary-percent", cfg.rotary_percent, 1.0),
@@ -118,7 +124,7 @@ def hf_config(cfg: PathMoEConfig, *, vocab_rows: int, eod_id: int, dtype: torch.
         "use_sliding_window": False, "sliding_window": None, "max_window_layers": cfg.num_layers,
         "attention_dropout": 0.0, "decoder_sparse_step": 1, "mlp_only_layers": [],
         "num_experts": cfg.num_experts, "num_experts_per_tok": cfg.moe_router_topk,
-        "norm_topk_prob": not cfg.moe_router_pre_softmax,
+        "norm_topk_prob": cfg.renormalises_topk,
         "output_router_logits": False, "router_aux_loss_coef": cfg.moe_aux_loss_coeff,
         "qkv_bias": False, "initializer_range": cfg.init_method_std, "use_cache": True,
         "bos_token_id": eod_id if bos_id is None else bos_id, "eos_token_id": eod_id,
@@ -227,7 +233,7 @@ def _check_metadata_matches(cfg: PathMoEConfig, hf_cfg: Mapping[str, Any], sourc
     fields = _config_from_fields(hf_cfg, source)
     names = ("num_layers", "hidden_size", "num_attention_heads", "moe_ffn_hidden_size",
              "rotary_base", "norm_epsilon", "untie_embeddings_and_output_weights",
-             "num_experts", "moe_router_topk", "moe_router_pre_softmax")
+             "num_experts", "moe_router_topk", "renormalises_topk")
     differing = [f"{n}: {getattr(cfg, n)!r} vs {getattr(fields, n)!r}" for n in names
                  if getattr(cfg, n) != getattr(fields, n)]
     if (cfg.num_query_groups or cfg.num_attention_heads) != fields.num_query_groups:

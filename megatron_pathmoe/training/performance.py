@@ -72,7 +72,9 @@ def _moe_kernel_args(g: argparse._ArgumentGroup, m: PathMoEConfig) -> None:
                    default=m.moe_router_load_balancing_type,
                    help="which load-balancing loss --moe-aux-loss-coeff weighs: aux_loss (per "
                         "micro-batch), seq_aux_loss (per sequence), global_aux_loss (over the "
-                        "global batch), none (off whatever the coefficient)")
+                        "global batch), none (off whatever the coefficient), sinkhorn "
+                        "(S-BASE: training picks the top-k of Sinkhorn-balanced scores; no aux "
+                        "loss)")
     g.add_argument("--moe-expert-capacity-factor", type=float, default=None,
                    help="expert capacity = factor x tokens x top-k / experts; routed tokens "
                         "over it are dropped (default: dropless)")

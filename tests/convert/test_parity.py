@@ -34,6 +34,10 @@ CASES = {
     "independent-mha-renormalised-tied": dict(routing="independent", num_query_groups=None,
                                               moe_router_pre_softmax=False,
                                               untie_embeddings_and_output_weights=False),
+    # Sinkhorn balancing only picks the experts while training: inference is the masked
+    # softmax over all experts (norm_topk_prob false), whatever --moe-router-pre-softmax says.
+    "path-sinkhorn": dict(routing="path", path_block_size=2, moe_router_pre_softmax=False,
+                          moe_router_load_balancing_type="sinkhorn"),
 }
 
 

@@ -54,6 +54,23 @@ def test_sigmoid_scores_are_refused(megatron_world1, tmp_path):
         export_model(build_model(cfg), cfg, str(tmp_path / "hf"))
 
 
+def test_sinkhorn_model_round_trips_and_top1_is_refused(megatron_world1, tmp_path):
+    cfg = tiny_config(moe_router_load_balancing_type="sinkhorn", moe_router_pre_softmax=False)
+    model = build_model(cfg, seed=5)
+    hf_dir = export_model(model, cfg, str(tmp_path / "hf"))
+    with open(os.path.join(hf_dir, "config.json")) as f:
+        assert json.load(f)["norm_topk_prob"] is False
+    import_from_hf(hf_dir, str(tmp_path / "mg"))
+    imported, run = load_model_for_inference(str(tmp_path / "mg"))
+    assert run.model.moe_router_load_balancing_type == "sinkhorn"
+    tokens = random_tokens(cfg)
+    assert (megatron_logits(imported, tokens) - megatron_logits(model, tokens)).abs().max() < 1e-4
+    top1 = tiny_config(moe_router_load_balancing_type="sinkhorn", moe_router_topk=1,
+                       moe_router_pre_softmax=False)
+    with pytest.raises(ConversionError, match="sinkhorn.*sigmoid"):
+        export_model(build_model(top1), top1, str(tmp_path / "top1"))
+
+
 def test_edited_block_copy_is_refused(exported_tiny, tmp_path):
     from safetensors.torch import load_file, save_file
 

@@ -3,6 +3,7 @@ every routing variant, with megatron-core's meaning."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -22,7 +23,7 @@ def _build(name: str, **extra):
 
     torch.manual_seed(0)
     model_parallel_cuda_manual_seed(0)
-    model = build_gpt_model(PathMoEConfig(**SHAPE, **VARIANTS[name], **extra).validate())
+    model = build_gpt_model(PathMoEConfig(**{**SHAPE, **VARIANTS[name], **extra}).validate())
     model.train()
     return model
 
@@ -172,7 +173,7 @@ def test_router_option_flags_parse_and_refuse():
     assert (tc.moe_router_dtype, tc.moe_router_load_balancing_type,
             tc.moe_aux_loss_coeff) == ("fp64", "seq_aux_loss", 0.01)
     for field, value in (("moe_router_dtype", "bf16"),
-                         ("moe_router_load_balancing_type", "sinkhorn")):
+                         ("moe_router_load_balancing_type", "sinkhorn_v2")):
         with pytest.raises(ConfigError, match=field.replace("_", "-")):
             PathMoEConfig(**{field: value}).validate()
 
@@ -199,3 +200,73 @@ def test_fp64_router_trains_with_either_permutation(megatron_world1):
                   moe_pad_expert_input_to_capacity=True)
     custom, megatron = _train(cfg, "custom"), _train(cfg, "megatron")
     assert custom[0] == megatron[0] and custom[0][-1] < custom[0][0]
+
+
+def _record_decisions(model) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+    """Layer number -> (probs, routing_map) its router returned."""
+    out: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+    for layer in model.decoder.layers:
+        layer.mlp.router.register_forward_hook(
+            lambda router, _, output: out.__setitem__(router.layer_number,
+                                                      tuple(x.detach() for x in output)))
+    return out
+
+
+@pytest.mark.parametrize("topk", [1, 2])
+@pytest.mark.parametrize("name", list(VARIANTS))
+def test_sinkhorn_routes_like_megatron_core(megatron_world1, name, topk):
+    """--moe-router-load-balancing-type sinkhorn (S-BASE) in every variant: training picks the
+    top-k of the Sinkhorn-balanced scores, gates with softmax (sigmoid at top-1) of the logits
+    unrenormalised; evaluation picks the top-k of those gates; no aux loss is logged."""
+    from megatron.core.transformer.moe.moe_utils import sinkhorn
+
+    def gate(x):
+        return torch.sigmoid(x) if topk == 1 else torch.softmax(x.float(), dim=-1)
+
+    model = _build(name, moe_router_load_balancing_type="sinkhorn", moe_router_topk=topk,
+                   moe_router_pre_softmax=False)
+    def top(scores):
+        return torch.zeros_like(scores, dtype=torch.bool).scatter(
+            1, scores.topk(topk, dim=1).indices, True)
+
+    for training in (True, False):
+        model.train(training)
+        logits, decisions = _record_logits(model), _record_decisions(model)
+        with torch.set_grad_enabled(training):
+            assert torch.isfinite(_loss(model))
+        assert logits and not _tracker_names()
+        rebalanced = 0
+        for layer, x in logits.items():
+            x = x.reshape(-1, x.shape[-1])
+            expected = top(sinkhorn(x.float()) if training else gate(x))
+            probs, routing_map = decisions[layer]
+            assert torch.equal(routing_map, expected), (layer, training)
+            torch.testing.assert_close(probs, gate(x) * expected, rtol=1e-6, atol=0)
+            rebalanced += int(not torch.equal(expected, top(gate(x))))
+        assert bool(rebalanced) == training  # Sinkhorn changed some choices while training
+        for layer in model.decoder.layers:
+            layer.mlp.router._forward_hooks.clear()
+            del layer.mlp.router.routing  # the instance attribute _record_logits set
+
+
+def test_sinkhorn_refuses_what_it_would_ignore(tmp_path):
+    base = dict(moe_router_load_balancing_type="sinkhorn")
+    PathMoEConfig(**base, moe_router_topk=1, moe_router_pre_softmax=False).validate()
+    paths = tmp_path / "paths.npy"
+    np.save(paths, np.zeros((2, PathMoEConfig().num_layers), dtype=np.int32))
+    for extra, match in ((dict(moe_aux_loss_coeff=0.01), "aux-loss-coeff"),
+                         (dict(moe_router_score_function="sigmoid"), "score-function"),
+                         (dict(moe_path_restriction=str(paths)), "path-restriction")):
+        with pytest.raises(ConfigError, match=f"sinkhorn.*{match}"):
+            PathMoEConfig(**base, **extra).validate()
+
+
+def test_resume_refuses_switching_to_or_from_sinkhorn():
+    from megatron_pathmoe.checkpoint import CheckpointError
+    from megatron_pathmoe.checkpoint.record import check_compatible
+
+    aux, sinkhorn = PathMoEConfig(), PathMoEConfig(moe_router_load_balancing_type="sinkhorn")
+    check_compatible(aux, PathMoEConfig(moe_router_load_balancing_type="seq_aux_loss"), "ckpt")
+    for saved, now in ((aux, sinkhorn), (sinkhorn, aux)):
+        with pytest.raises(CheckpointError, match="sinkhorn routing scores tokens differently"):
+            check_compatible(saved, now, "ckpt")
