@@ -38,7 +38,7 @@ def build_model_and_optimizer(model_cfg: PathMoEConfig, train: TrainingConfig, d
     config.grad_scale_func = optimizer.scale_loss
     config.no_sync_func = ([chunk.no_sync for chunk in chunks] if len(chunks) > 1
                            else chunks[0].no_sync)
-    _wire_overlap(config, chunks)
+    _wire_overlap(config, chunks, train.performance.align_grad_reduce)
     return chunks, optimizer, scheduler
 
 
@@ -51,7 +51,8 @@ def _wrap_ddp(models: list[torch.nn.Module], train: TrainingConfig) -> list[Any]
         overlap_param_gather=perf.overlap_param_gather,
         # As Megatron-LM: only the interleaved schedule dispatches the gathers itself
         # (config.param_sync_func); otherwise each bucket's forward pre-hook does.
-        align_param_gather=perf.overlap_param_gather and len(models) > 1,
+        align_param_gather=(perf.overlap_param_gather and perf.align_param_gather
+                            and len(models) > 1),
         bucket_size=perf.ddp_bucket_size,
         use_distributed_optimizer=train.use_distributed_optimizer,
         check_for_nan_in_grad=False)  # NonFiniteGuard checks (and can skip) instead
@@ -60,16 +61,17 @@ def _wrap_ddp(models: list[torch.nn.Module], train: TrainingConfig) -> list[Any]
             for i, model in enumerate(models)]
 
 
-def _wire_overlap(config: Any, chunks: list) -> None:
+def _wire_overlap(config: Any, chunks: list, align_grad_reduce: bool) -> None:
     """The schedule hooks Megatron-LM's ``train()`` sets for the overlap flags: the schedules
-    start each chunk's grad reduce (and, interleaved, param gather) as soon as it is ready."""
+    start each chunk's grad reduce (and, interleaved, param gather) as soon as it is ready.
+    Without them (``--no-align-*``) the buckets' own backward / forward pre-hooks do."""
     ddp_config = chunks[0].ddp_config
 
     def per_chunk(name: str) -> Any:
         funcs = [getattr(chunk, name) for chunk in chunks]
         return funcs if len(funcs) > 1 else funcs[0]
 
-    if ddp_config.overlap_grad_reduce:
+    if ddp_config.overlap_grad_reduce and align_grad_reduce:
         config.grad_sync_func = per_chunk("start_grad_sync")
     if ddp_config.overlap_param_gather and ddp_config.align_param_gather:
         config.param_sync_func = per_chunk("start_param_sync")

@@ -131,6 +131,14 @@ UNSUPPORTED: dict[str, Unsupported] = {
                                        "wired; the --routing variants route in PyTorch"),
     "--moe-router-force-load-balancing": Unsupported("forced balanced routing (a benchmarking "
                                                      "aid) is not wired"),
+    "--overlap-param-gather-with-optimizer-step": Unsupported(
+        "the optimizer step does not dispatch the first bucket's all-gather; "
+        "--overlap-param-gather overlaps the gathers with the next forward pass"),
+    "--distribute-saved-activations": Unsupported(
+        "MoE with --tensor-model-parallel-size > 1 needs --sequence-parallel, which "
+        "megatron-core forbids with it (sequence parallelism already splits those inputs)"),
+    "--vocab-extra-ids": Unsupported("T5 sentinel tokens: the GPT tokenizers here add none; "
+                                     "use 0", accepts="0"),
     "--manual-gc": Unsupported("manual garbage collection is not wired; Python's runs as usual"),
     "--manual-gc-interval": Unsupported("manual garbage collection is not wired"),
 }

@@ -28,6 +28,10 @@ class PerformanceConfig:
     overlap_param_gather: bool = False
     # megatron DDP bucket size in parameters (None: megatron's default, max(40M, 1M x DP)).
     ddp_bucket_size: int | None = None
+    # Pipeline stages start their grad reduces (interleaved: their param gathers) together, from
+    # the schedule (Megatron-LM's default); False: each bucket's own hook starts them.
+    align_grad_reduce: bool = True
+    align_param_gather: bool = True
 
     @classmethod
     def from_args(cls, ns: argparse.Namespace) -> "PerformanceConfig":
@@ -45,6 +49,13 @@ def add_performance_args(parser: argparse.ArgumentParser) -> None:
                         "with the next forward pass")
     g.add_argument("--ddp-bucket-size", type=int, default=None,
                    help="parameters per gradient-reduce bucket (default: megatron's)")
+    g.add_argument("--no-align-grad-reduce", dest="align_grad_reduce", action="store_false",
+                   help="with --overlap-grad-reduce: each pipeline stage starts its gradient "
+                        "reduces when its buckets are ready, not all stages together from the "
+                        "schedule")
+    g.add_argument("--no-align-param-gather", dest="align_param_gather", action="store_false",
+                   help="with --overlap-param-gather and an interleaved pipeline: each chunk's "
+                        "forward pre-hooks start its parameter all-gathers, not the schedule")
     _recompute_args(g)
     _moe_kernel_args(g, m)
 

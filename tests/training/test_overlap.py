@@ -106,6 +106,42 @@ def test_overlap_interleaved_pipeline(demo_data, tmp_path):
     for key, value in base_ckpt.items():
         if not key.startswith("optimizer."):
             torch.testing.assert_close(overlap_ckpt[key], value, rtol=0, atol=1e-5, msg=key)
+    # --no-align-*: the buckets' hooks start the same reduces and gathers the schedule did.
+    unaligned, _ = _run(demo_data, tmp_path, "vpp_unaligned",
+                        [*layout, *OVERLAP, "--ddp-bucket-size", "5000", "--no-align-grad-reduce",
+                         "--no-align-param-gather"], nproc=4)
+    assert unaligned["train_losses"] == overlap["train_losses"]
+    assert unaligned["grad_norms"] == overlap["grad_norms"]
+
+
+def test_no_align_grad_reduce_leaves_the_schedule_hook_unset():
+    from types import SimpleNamespace
+
+    from megatron_pathmoe.training.build import _wire_overlap
+
+    ddp = SimpleNamespace(overlap_grad_reduce=True, overlap_param_gather=True,
+                          align_param_gather=True)
+    chunks = [SimpleNamespace(ddp_config=ddp, start_grad_sync=f"grad{i}",
+                              start_param_sync=f"param{i}") for i in range(2)]
+    for align, expected in ((True, ["grad0", "grad1"]), (False, None)):
+        config = SimpleNamespace(grad_sync_func=None, param_sync_func=None)
+        _wire_overlap(config, chunks, align)
+        assert config.grad_sync_func == expected
+        assert config.param_sync_func == ["param0", "param1"]
+
+
+def test_no_align_flags_parse():
+    from megatron_pathmoe.training.arguments import parse_args
+    from megatron_pathmoe.training.performance import PerformanceConfig
+
+    argv = ["--dry-run", "--dry-run-vocab-size", "128"]
+    for extra, aligned in (([], (True, True)),
+                           (["--no-align-grad-reduce", "--no-align-param-gather"],
+                            (False, False))):
+        _, train = parse_args(argv + extra)
+        perf = train.performance
+        assert isinstance(perf, PerformanceConfig)
+        assert (perf.align_grad_reduce, perf.align_param_gather) == aligned
 
 
 @pytest.mark.parametrize("perf, distopt, needle", [
