@@ -117,7 +117,7 @@ def _layout(args) -> dict:
             "sequence_parallel": tp > 1}
 
 
-def validate(args, world_size: int) -> list[tuple[str, str]]:
+def validate(args: argparse.Namespace, world_size: int) -> list[tuple[str, str]]:
     """Everything checkable before any process group: raises ValueError naming the flag."""
     from megatron_pathmoe.analysis.forward import check_data_source
     from megatron_pathmoe.checkpoint import CheckpointError, read_run_config
@@ -161,7 +161,7 @@ def _summary_line(label: str, report: dict) -> str:
             f"{100 * windows.get(2, float('nan')):.1f}%{worst}")
 
 
-def write_outputs(reports: dict, args) -> dict:
+def write_outputs(reports: dict, args: argparse.Namespace) -> dict:
     from megatron_pathmoe.analysis.plots import write_plots
 
     plots = write_plots(reports, args.output_dir)
@@ -174,7 +174,7 @@ def write_outputs(reports: dict, args) -> dict:
     return plots
 
 
-def run(args, checkpoints: list[tuple[str, str]]) -> None:
+def run(args: argparse.Namespace, checkpoints: list[tuple[str, str]]) -> None:
     """The analysis on every rank (process group and parallel state set up here)."""
     from megatron_pathmoe.analysis.pipeline import AnalysisOptions, analyze_checkpoint
     from megatron_pathmoe.config import PathMoEConfig

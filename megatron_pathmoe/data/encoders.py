@@ -146,7 +146,7 @@ class TokenizerSpec:
         return path
 
 
-def add_tokenizer_arguments(group) -> None:
+def add_tokenizer_arguments(group: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
     """The Megatron-LM tokenizer flags, on an argparse parser or argument group."""
     group.add_argument("--tokenizer-type", default=HF_TYPE,
                        help=f"one of {', '.join(TOKENIZER_TYPES)} (default: {HF_TYPE})")
@@ -167,7 +167,7 @@ def add_tokenizer_arguments(group) -> None:
                             "with <EOD>; Llama2Tokenizer puts BOS before every text")
 
 
-def spec_from_arguments(args) -> TokenizerSpec | None:
+def spec_from_arguments(args: argparse.Namespace) -> TokenizerSpec | None:
     """The ``TokenizerSpec`` the flags of ``add_tokenizer_arguments`` name; None when no file is
     given (a NullTokenizer needs none)."""
     if not (args.tokenizer_model or args.vocab_file or args.merge_file

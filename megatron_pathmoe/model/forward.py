@@ -5,12 +5,13 @@ and the analysis's evaluation forwards."""
 from __future__ import annotations
 
 from functools import partial
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 
 
-def forward_step(data_iterator: Iterator[dict], model: torch.nn.Module):
+def forward_step(data_iterator: Iterator[dict], model: torch.nn.Module,
+                 ) -> tuple[torch.Tensor, Callable]:
     """Megatron's forward_step_func: returns the per-token losses and how to reduce them.
     The batch fetch runs in the "batch-generator" timer (level 2) when the model config has
     megatron timers (--timing-log-level), as in Megatron-LM's pretrain_gpt."""
@@ -29,7 +30,8 @@ def forward_step(data_iterator: Iterator[dict], model: torch.nn.Module):
     return output, partial(loss_func, batch["loss_mask"])
 
 
-def loss_func(loss_mask: torch.Tensor, per_token_loss: torch.Tensor):
+def loss_func(loss_mask: torch.Tensor, per_token_loss: torch.Tensor,
+              ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
     """Masked token loss; reports ``"lm loss"`` as [loss sum, token count] so any reduction
     over micro-batches and ranks stays token-weighted."""
     mask = loss_mask.view(-1).float()

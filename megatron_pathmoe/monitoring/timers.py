@@ -15,7 +15,7 @@ Evaluation is not timed (Megatron-LM sets ``config.timers = None`` around it too
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator
+from typing import Any, Iterator
 
 from megatron_pathmoe.monitoring.arguments import MonitoringConfig
 
@@ -43,7 +43,7 @@ def model_configs(chunks: list) -> list:
     return list(configs.values())
 
 
-def optimizer_configs(optimizer) -> list:
+def optimizer_configs(optimizer: Any) -> list[Any]:
     """The OptimizerConfigs of a megatron optimizer (each of a ChainedOptimizer's)."""
     parts = getattr(optimizer, "chained_optimizers", None) or [optimizer]
     configs = {id(p.config): p.config for p in parts if getattr(p, "config", None) is not None}

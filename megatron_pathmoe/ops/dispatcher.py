@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 import torch
 
@@ -154,7 +154,7 @@ def _untimed(fn: Callable) -> Callable:
     return getattr(fn, "untimed", fn)
 
 
-def set_permute_timing(config) -> None:
+def set_permute_timing(config: Any) -> None:
     """Time every forward permute/unpermute call of the dispatchers (whichever implementation
     is bound, a recompute included; their backward runs inside megatron's backward-compute)
     with ``config.timers`` ("moe-permute", "moe-unpermute", log level 2). Each call starts and

@@ -11,7 +11,8 @@ from megatron_pathmoe.config import PathMoEConfig
 from megatron_pathmoe.training.arguments import TrainingConfig
 
 
-def build_model_and_optimizer(model_cfg: PathMoEConfig, train: TrainingConfig, device: str):
+def build_model_and_optimizer(model_cfg: PathMoEConfig, train: TrainingConfig,
+                              device: str) -> tuple[list[Any], Any, Any]:
     """This rank's model chunks (one per virtual pipeline stage) wrapped in megatron DDP, the
     megatron optimizer and LR scheduler, with ``--permute-impl`` installed. Router parameters
     tied across pipeline stages start identical and have their gradients summed after the

@@ -4,7 +4,7 @@ forward/backward call (``megatron_pathmoe.model.forward_backward``)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 
@@ -40,7 +40,8 @@ def _global_mean(sums: torch.Tensor) -> float:
     return float(sums[0] / sums[1].clamp_min(1))
 
 
-def train_step(chunks, optimizer, scheduler, data_iterator, model_cfg: PathMoEConfig,
+def train_step(chunks: list[Any], optimizer: Any, scheduler: Any, data_iterator: Any,
+               model_cfg: PathMoEConfig,
                train: TrainingConfig, num_microbatches: int,
                should_step: Callable[[float], bool] | None = None) -> StepResult:
     """One global batch. ``should_step(loss)`` (the non-finite guard) runs between backward
@@ -72,7 +73,8 @@ def _optimizer_step(optimizer, timers) -> tuple[bool, float | None]:
 
 
 @torch.no_grad()
-def evaluate(chunks, data_iterator, model_cfg: PathMoEConfig, train: TrainingConfig,
+def evaluate(chunks: list[Any], data_iterator: Any, model_cfg: PathMoEConfig,
+             train: TrainingConfig,
              num_microbatches: int) -> float:
     """Mean validation loss (nats/token) over ``--eval-iters`` global batches (untimed, as
     in Megatron-LM: the timers measure training iterations)."""

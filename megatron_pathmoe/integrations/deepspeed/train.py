@@ -120,7 +120,7 @@ def build_data(args: argparse.Namespace) -> tuple[Any, Any, Any]:
     return tokenizer, train, valid
 
 
-def init_engine(args: argparse.Namespace, model: DeepSpeedMoEGPT, world: int):
+def init_engine(args: argparse.Namespace, model: DeepSpeedMoEGPT, world: int) -> Any:
     deepspeed = require_deepspeed()
     split = require_deepspeed("deepspeed.moe.utils").split_params_into_different_moe_groups_for_optimizer
     groups = split({"params": [p for p in model.parameters() if p.requires_grad], "name": "params"})
