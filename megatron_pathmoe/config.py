@@ -78,6 +78,12 @@ class PathMoEConfig:
     moe_router_pre_softmax: bool = True  # softmax over all experts, then top-k (paper eq. 3.1-3.2)
     moe_token_dispatcher_type: str = "alltoall"
     moe_router_score_function: str = "softmax"
+    # Megatron-core's gate scaling (the selected experts' weights x factor; None: 1) and
+    # group-limited routing (experts in num_groups equal groups, each token's top-k taken
+    # within its group_topk best groups: device- or node-limited routing).
+    moe_router_topk_scaling_factor: float | None = None
+    moe_router_num_groups: int | None = None
+    moe_router_group_topk: int | None = None
     # Aux-loss-free balancing (megatron): a per-expert selection bias moved by
     # moe_router_bias_update_rate towards balance after every global batch; needs sigmoid scores.
     moe_router_enable_expert_bias: bool = False
@@ -242,6 +248,7 @@ class PathMoEConfig:
                  f"choose one of {', '.join(LOAD_BALANCING_CHOICES)}")
         if self.moe_router_load_balancing_type == "sinkhorn":
             self._validate_sinkhorn()
+        self._validate_groups()
         _require(self.moe_router_dtype in ROUTER_DTYPE_CHOICES,
                  f"--moe-router-dtype must be one of {', '.join(ROUTER_DTYPE_CHOICES)}")
 
@@ -258,6 +265,36 @@ class PathMoEConfig:
         _require(self.moe_path_restriction is None,
                  f"{flag} ignores --moe-path-restriction (it selects experts outside "
                  "megatron-core's top-k replay); use another --moe-router-load-balancing-type")
+        for other, given in (("--moe-router-topk-scaling-factor",
+                              self.moe_router_topk_scaling_factor),
+                             ("--moe-router-group-topk", self.moe_router_group_topk)):
+            _require(given is None, f"{flag} ignores {other}; leave it out")
+
+    def _validate_groups(self) -> None:
+        """Gate scaling and group-limited routing: megatron-core's rules, plus the shapes its
+        group top-k needs."""
+        factor = self.moe_router_topk_scaling_factor
+        _require(factor is None or factor > 0,
+                 f"--moe-router-topk-scaling-factor {factor} must be > 0")
+        groups, group_topk = self.moe_router_num_groups, self.moe_router_group_topk
+        _require(groups is None or (group_topk is not None and groups >= 1),
+                 "--moe-router-num-groups needs --moe-router-group-topk (the groups each "
+                 "token may use)")
+        if group_topk is None:
+            return
+        _require(groups is not None, "--moe-router-group-topk needs --moe-router-num-groups")
+        _require(self.num_experts % groups == 0,
+                 f"--moe-router-num-groups {groups} must divide --num-experts "
+                 f"{self.num_experts}")
+        per_group = self.num_experts // groups
+        _require(1 <= group_topk <= groups and group_topk * per_group >= self.moe_router_topk
+                 and self.moe_router_topk // group_topk <= per_group,
+                 f"--moe-router-group-topk {group_topk}: between 1 and --moe-router-num-groups "
+                 f"{groups}, and its groups ({per_group} experts each) must hold "
+                 f"--moe-router-topk {self.moe_router_topk} experts")
+        _require(self.moe_path_restriction is None,
+                 "--moe-path-restriction does not limit its choices to the token's groups; "
+                 "leave out --moe-router-group-topk")
 
     @property
     def renormalises_topk(self) -> bool:
@@ -474,6 +511,9 @@ class PathMoEConfig:
             moe_ffn_hidden_size=self.moe_ffn_hidden_size,
             moe_router_topk=self.moe_router_topk,
             moe_router_pre_softmax=self.moe_router_pre_softmax,
+            moe_router_topk_scaling_factor=self.moe_router_topk_scaling_factor,
+            moe_router_num_groups=self.moe_router_num_groups,
+            moe_router_group_topk=self.moe_router_group_topk,
             moe_router_load_balancing_type=self.moe_router_load_balancing_type,
             moe_aux_loss_coeff=self.moe_aux_loss_coeff,
             moe_z_loss_coeff=self.moe_z_loss_coeff,

@@ -78,6 +78,13 @@ def check_exportable(cfg: PathMoEConfig) -> None:
         raise ConversionError("--moe-router-load-balancing-type sinkhorn with --moe-router-topk "
                               "1 gates with a sigmoid; Qwen2-MoE routes with a softmax, so "
                               "this model has no exact Hugging Face export")
+    for flag, given in (("--moe-router-topk-scaling-factor",
+                         cfg.moe_router_topk_scaling_factor not in (None, 1.0)),
+                        ("--moe-router-group-topk", cfg.moe_router_group_topk is not None)):
+        if given:
+            raise ConversionError(f"{flag}: Qwen2-MoE's gate has no scaling and no "
+                                  "group-limited top-k; this model has no exact Hugging Face "
+                                  "export")
     head = cfg.hidden_size // cfg.num_attention_heads
     for flag, value, hf in (("--kv-channels", cfg.kv_channels or head, head),
                             ("--rotary-percent", cfg.rotary_percent, 1.0),

@@ -236,6 +236,15 @@ def _moe_and_routing_flags(parser: argparse.ArgumentParser, m: PathMoEConfig) ->
                    help="softmax over all experts before top-k (paper eq. 3.1-3.2)")
     g.add_argument("--moe-router-score-function", choices=SCORE_FUNCTION_CHOICES,
                    default=m.moe_router_score_function)
+    g.add_argument("--moe-router-topk-scaling-factor", type=float, default=None,
+                   help="multiply the selected experts' gate weights by this (default 1)")
+    g.add_argument("--moe-router-num-groups", type=int, default=None,
+                   help="group-limited routing: experts form this many equal groups (e.g. the "
+                        "expert-parallel size: device-limited routing)")
+    g.add_argument("--moe-router-group-topk", type=int, default=None,
+                   help="group-limited routing: each token's top-k experts come from its this "
+                        "many best groups (a group scores the sum of its top-k / group-topk "
+                        "expert scores)")
     g.add_argument("--moe-router-enable-expert-bias", action="store_true",
                    help="aux-loss-free load balancing: a per-expert selection bias moved "
                         "towards balance after every global batch (needs "

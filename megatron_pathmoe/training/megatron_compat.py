@@ -69,12 +69,6 @@ UNSUPPORTED: dict[str, Unsupported] = {
     "--moe-shared-expert-intermediate-size": Unsupported(
         "shared experts are not built (PathMoE shares routers, not experts)"),
     "--moe-shared-expert-overlap": Unsupported("shared experts are not built"),
-    "--moe-router-num-groups": Unsupported(
-        "group-limited routing is not implemented for the --routing variants"),
-    "--moe-router-group-topk": Unsupported(
-        "group-limited routing is not implemented for the --routing variants"),
-    "--moe-router-topk-scaling-factor": Unsupported(
-        "gate scaling is not wired through the --routing variants"),
     "--moe-use-upcycling": Unsupported("upcycling a dense checkpoint is not implemented"),
     "--moe-enable-deepep": Unsupported(
         "the DeepEP (flex) dispatcher is not wired; use --moe-token-dispatcher-type alltoall "

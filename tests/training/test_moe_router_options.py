@@ -270,3 +270,83 @@ def test_resume_refuses_switching_to_or_from_sinkhorn():
     for saved, now in ((aux, sinkhorn), (sinkhorn, aux)):
         with pytest.raises(CheckpointError, match="sinkhorn routing scores tokens differently"):
             check_compatible(saved, now, "ckpt")
+
+
+def _group_limited_by_hand(logits: torch.Tensor, topk: int, groups: int,
+                           group_topk: int) -> torch.Tensor:
+    """DeepSeek-V2/V3 group-limited routing, token by token: a group scores the sum of its
+    top (topk / group_topk) softmax scores; the token's top-k come from its best groups."""
+    scores = torch.softmax(logits.float(), dim=-1)
+    chosen = torch.zeros_like(scores, dtype=torch.bool)
+    per_group = scores.shape[1] // groups
+    for t, row in enumerate(scores):
+        by_group = row.view(groups, per_group)
+        best = by_group.topk(topk // group_topk, dim=1).values.sum(1).topk(group_topk).indices
+        allowed = torch.zeros(groups, dtype=torch.bool)
+        allowed[best] = True
+        masked = torch.where(allowed.repeat_interleave(per_group), row, torch.tensor(-1.0))
+        chosen[t, masked.topk(topk).indices] = True
+    return chosen
+
+
+@pytest.mark.parametrize("name", list(VARIANTS))
+def test_scaling_and_group_limited_routing_in_every_variant(megatron_world1, name):
+    """--moe-router-num-groups 4 --moe-router-group-topk 1 --moe-router-topk-scaling-factor 2.5
+    (top-2 of 8 experts): every decision keeps to one group of 2 experts, chosen as by hand,
+    and the gates are 2.5 x the pre-softmax scores."""
+    topk, groups, group_topk, factor = 2, 4, 1, 2.5
+    model = _build(name, num_experts=8, moe_router_num_groups=groups,
+                   moe_router_group_topk=group_topk,
+                   moe_router_topk_scaling_factor=factor)
+    logits, decisions = _record_logits(model), _record_decisions(model)
+    _loss(model)
+    assert logits
+    limited = 0
+    for layer, x in logits.items():
+        x = x.reshape(-1, x.shape[-1])
+        probs, routing_map = decisions[layer]
+        expected = _group_limited_by_hand(x, topk, groups, group_topk)
+        assert torch.equal(routing_map, expected), layer
+        used_groups = routing_map.view(len(x), groups, -1).any(-1).sum(-1)
+        assert int(used_groups.max()) == group_topk
+        torch.testing.assert_close(probs, factor * torch.softmax(x.float(), -1) * expected,
+                                   rtol=1e-6, atol=0)
+        plain = torch.zeros_like(expected).scatter(1, x.topk(topk, dim=1).indices, True)
+        limited += int(not torch.equal(plain, expected))
+    assert limited  # the group limit changed some choices
+
+
+@pytest.mark.parametrize("extra, needle", [
+    (dict(moe_router_num_groups=4), "needs --moe-router-group-topk"),
+    (dict(moe_router_group_topk=1), "needs --moe-router-num-groups"),
+    (dict(moe_router_num_groups=3, moe_router_group_topk=1), "must divide --num-experts"),
+    (dict(moe_router_num_groups=4, moe_router_group_topk=5), "--moe-router-group-topk 5"),
+    (dict(moe_router_num_groups=8, moe_router_group_topk=1), "hold --moe-router-topk 2"),
+    (dict(moe_router_topk_scaling_factor=0.0), "must be > 0"),
+    (dict(moe_router_topk_scaling_factor=2.0, moe_router_load_balancing_type="sinkhorn"),
+     "sinkhorn ignores --moe-router-topk-scaling-factor"),
+])
+def test_bad_group_and_scaling_flags_fail_in_one_line(extra, needle):
+    with pytest.raises(ConfigError) as err:
+        PathMoEConfig(num_experts=8, moe_router_topk=2, **extra).validate()
+    assert needle in str(err.value) and "\n" not in str(err.value)
+
+
+def test_group_and_scaling_flags_reach_megatron_and_block_export():
+    from megatron_pathmoe.convert.errors import ConversionError
+    from megatron_pathmoe.convert.qwen2_moe import check_exportable
+    from megatron_pathmoe.training.arguments import parse_args
+
+    argv = ["--dry-run", "--dry-run-vocab-size", "128", "--num-experts", "8"]
+    model, _ = parse_args(argv + ["--moe-router-num-groups", "4", "--moe-router-group-topk",
+                                  "2", "--moe-router-topk-scaling-factor", "2.5"])
+    tc = model.to_transformer_config()
+    assert (tc.moe_router_num_groups, tc.moe_router_group_topk,
+            tc.moe_router_topk_scaling_factor) == (4, 2, 2.5)
+    for extra, flag in ((["--moe-router-topk-scaling-factor", "2"],
+                         "--moe-router-topk-scaling-factor"),
+                        (["--moe-router-num-groups", "4", "--moe-router-group-topk", "2"],
+                         "--moe-router-group-topk")):
+        with pytest.raises(ConversionError, match=flag):
+            check_exportable(parse_args(argv + extra)[0])
+    check_exportable(parse_args(argv)[0])
