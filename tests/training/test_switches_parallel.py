@@ -1,6 +1,6 @@
 """Expert capacity under expert parallelism (the alltoall dispatcher's drop and drop-and-pad
-modes across ranks) and activation recomputation under pipeline parallelism train exactly
-like one process without them. Reuses ``parallel_driver`` (see ``test_routing_parallel``):
+modes across ranks), group-limited routing with gate scaling under expert parallelism, and
+activation recomputation under pipeline parallelism train exactly like one process. Reuses ``parallel_driver`` (see ``test_routing_parallel``):
 one world-1 launch, one world-2 launch, the same global batches."""
 
 from __future__ import annotations
@@ -22,6 +22,9 @@ VARIANTS = {
     "mono-capacity": {"routing": "mono", "path_block_size": 2, **AUX, **CAPACITY},
     "lowrank-capacity-position": {"routing": "lowrank", "lowrank_rank": 2, **AUX, **CAPACITY,
                                   "moe_token_drop_policy": "position"},
+    # Device-limited routing: 2 groups = the EP2 ranks' experts, each token on one rank.
+    "path-groups-scaled": {**PATH, "moe_router_num_groups": 2, "moe_router_group_topk": 1,
+                           "moe_router_topk_scaling_factor": 1.5},
     "path-recompute-full": {**PATH, **FULL},
     "path-recompute-moe": {**PATH, "recompute_granularity": "selective",
                            "recompute_modules": ["core_attn", "moe"]},
@@ -30,6 +33,7 @@ EP2 = {"expert_model_parallel_size": 2, "moe_token_dispatcher_type": "alltoall"}
 PP2 = {"pipeline_model_parallel_size": 2}
 # (case, variant, layout, the world-1 variant it must equal): recompute against no recompute.
 CASES = [("ep2/" + v, v, EP2, v) for v in VARIANTS if "capacity" in v] + [
+    ("ep2/path-groups-scaled", "path-groups-scaled", EP2, "path-groups-scaled"),
     ("pp2/path-recompute-full", "path-recompute-full", PP2, "path"),
     ("pp2/path-recompute-moe", "path-recompute-moe", PP2, "path"),
     ("dp2-distopt/path-recompute-full", "path-recompute-full", {"distopt": True}, "path"),
@@ -63,3 +67,4 @@ def test_world1_recompute_and_capacity(runs):
         assert ref[variant]["grad_norms"] == pytest.approx(ref["path"]["grad_norms"],
                                                            rel=GRAD_NORM_RTOL)
     assert ref["path-capacity"]["losses"] != ref["path"]["losses"]
+    assert ref["path-groups-scaled"]["losses"] != ref["path"]["losses"]
