@@ -85,6 +85,7 @@ def build_gpt_datasets(
     valid_samples: int,
     split: str = "98,2,0",
     cache_dir: str | None = None,
+    eod_mask_loss: bool = False,
 ) -> tuple[Dataset, Dataset | None]:
     """Build megatron-core GPT datasets (samples of ``seq_length + 1`` tokens, shifted into
     tokens/labels).
@@ -95,7 +96,7 @@ def build_gpt_datasets(
     synthetic documents, no files. ``tokenizer`` is a loaded tokenizer (needs ``vocab_size`` and
     ``eod``) or a tokenizer.json path. Works with or without an initialised process group; with
     one, rank 0 builds the index cache first and every other rank then loads it (call on all
-    ranks).
+    ranks). ``eod_mask_loss``: megatron-core's loss mask is 0 where the input token is EOD.
     """
     if isinstance(tokenizer, (str, os.PathLike)):
         tokenizer = load_tokenizer(tokenizer)
@@ -111,21 +112,23 @@ def build_gpt_datasets(
         blend_kwargs = {"blend_per_split": [train_blend, valid_blend, None]}
     cls = GPTDataset if blend_kwargs else MockGPTDataset
     train, valid, _ = _build(cls, [train_samples, valid_samples, 0],
-                             _gpt_config(tokenizer, seq_length, seed, cache_dir, **blend_kwargs))
+                             _gpt_config(tokenizer, seq_length, seed, cache_dir, eod_mask_loss,
+                                         **blend_kwargs))
     return train, valid
 
 
 def build_test_dataset(prefixes: Sequence[str] | str, tokenizer: Any, seq_length: int,
-                       seed: int, samples: int, cache_dir: str | None = None) -> Dataset:
+                       seed: int, samples: int, cache_dir: str | None = None,
+                       eod_mask_loss: bool = False) -> Dataset:
     """The ``--test-data-path`` dataset (megatron-core's test split of its own blend)."""
     blend = parse_blend(prefixes, "--test-data-path")
-    config = _gpt_config(tokenizer, seq_length, seed, cache_dir,
+    config = _gpt_config(tokenizer, seq_length, seed, cache_dir, eod_mask_loss,
                          blend_per_split=[None, None, blend])
     return _build(GPTDataset, [0, 0, samples], config)[2]
 
 
 def _gpt_config(tokenizer: Any, seq_length: int, seed: int, cache_dir: str | None,
-                **blend_kwargs: Any) -> GPTDatasetConfig:
+                eod_mask_loss: bool, **blend_kwargs: Any) -> GPTDatasetConfig:
     return GPTDatasetConfig(
         random_seed=seed,
         sequence_length=seq_length,
@@ -134,7 +137,7 @@ def _gpt_config(tokenizer: Any, seq_length: int, seed: int, cache_dir: str | Non
         tokenizer=tokenizer,
         reset_position_ids=False,
         reset_attention_mask=False,
-        eod_mask_loss=False,
+        eod_mask_loss=eod_mask_loss,
         create_attention_mask=False,  # the model applies its own causal mask
         **blend_kwargs,
     )

@@ -114,6 +114,7 @@ class TrainingConfig:
     vocab_size: int | None = None  # --vocab-size (NullTokenizer)
     legacy_tokenizer: bool = False  # --legacy-tokenizer (SentencePiece, Llama2 tokenizers)
     data_cache_path: str | None = None
+    eod_mask_loss: bool = False  # --eod-mask-loss: no loss on predictions made from an EOD
     device: str = "auto"
     transformer_impl: str | None = None  # None: platform.gpu.default_transformer_impl(device)
     summary_json: str | None = None
@@ -379,6 +380,10 @@ def _data_flags(parser: argparse.ArgumentParser, t: TrainingConfig) -> None:
     g.add_argument("--split", default=t.split)
     add_tokenizer_arguments(g)
     g.add_argument("--data-cache-path", default=None)
+    g.add_argument("--eod-mask-loss", action="store_true",
+                   help="no loss where the input token is the end of document (the first "
+                        "token of the next document is not predicted from the previous one), "
+                        "as Megatron-LM; training and validation")
 
 
 def _runtime_flags(parser: argparse.ArgumentParser, t: TrainingConfig) -> None:

@@ -46,9 +46,11 @@ def build_data_iterators(model_cfg: PathMoEConfig, train: TrainingConfig,
         None if mock else train.data_path, train.valid_data_path or None, tokenizer,
         model_cfg.seq_length, train.seed,
         train_samples=train.train_iters * train.global_batch_size,
-        valid_samples=evals * eval_samples, split=train.split, cache_dir=train.data_cache_path)
+        valid_samples=evals * eval_samples, split=train.split, cache_dir=train.data_cache_path,
+        eod_mask_loss=train.eod_mask_loss)
     test_ds = (build_test_dataset(train.cluster.test_data_path, tokenizer, model_cfg.seq_length,
-                                  train.seed, eval_samples, cache_dir=train.data_cache_path)
+                                  train.seed, eval_samples, cache_dir=train.data_cache_path,
+                                  eod_mask_loss=train.eod_mask_loss)
                if train.cluster.test_data_path else None)
     dp_rank = parallel_state.get_data_parallel_rank()
     dp_size = parallel_state.get_data_parallel_world_size()

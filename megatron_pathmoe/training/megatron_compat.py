@@ -114,9 +114,9 @@ UNSUPPORTED: dict[str, Unsupported] = {
     "--train-data-path": Unsupported("use --data-path (and --split or --valid-data-path)"),
     "--dataloader-type": Unsupported("megatron's single-pass sampler is the one data order",
                                      accepts="single"),
-    **{flag: Unsupported("documents are packed with one causal mask; per-document positions, "
-                         "masks and EOD loss masking are not wired")
-       for flag in ("--reset-position-ids", "--reset-attention-mask", "--eod-mask-loss")},
+    **{flag: Unsupported("documents are packed with one causal mask; per-document positions "
+                         "and attention masks are not wired (--eod-mask-loss is)")
+       for flag in ("--reset-position-ids", "--reset-attention-mask")},
     "--ckpt-convert-format": Unsupported("convert checkpoints with python -m "
                                          "megatron_pathmoe.convert"),
     "--moe-input-jitter-eps": Unsupported("input jitter is not wired through the --routing "

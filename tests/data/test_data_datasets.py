@@ -144,6 +144,30 @@ def test_unigram_baseline(demo_data, tokenizer, per_split):
     assert unigram_cross_entropy([0, 0, 1], 2, smoothing=0.0) == pytest.approx(expected)
 
 
+def test_eod_mask_loss_masks_predictions_from_the_end_of_document(demo_data, tokenizer,
+                                                                   tmp_path):
+    """--eod-mask-loss: megatron-core's loss mask is 0 exactly where the input token is EOD;
+    the tokens themselves are those of the unmasked dataset."""
+    from megatron_pathmoe.training.arguments import parse_args
+
+    datasets = [build_gpt_datasets(demo_data["train_prefix"], None, tokenizer, SEQ, seed=1,
+                                   train_samples=200, valid_samples=10,
+                                   cache_dir=str(tmp_path / "cache"), eod_mask_loss=masked)[0]
+                for masked in (False, True)]
+    eod = tokenizer.eod
+    seen = 0
+    for i in range(len(datasets[1])):
+        plain, sample = datasets[0][i], datasets[1][i]
+        assert torch.equal(plain["tokens"], sample["tokens"])
+        assert torch.equal(sample["loss_mask"], (sample["tokens"] != eod).float())
+        seen += int((sample["tokens"] == eod).sum())
+        if seen > 3:
+            break
+    assert seen > 3  # documents end inside the samples checked
+    _, train = parse_args(["--dry-run", "--dry-run-vocab-size", "128", "--eod-mask-loss"])
+    assert train.eod_mask_loss
+
+
 def _distributed_worker(rank, world, init_file, demo_data, tokenizer_path, cache, queue):
     torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
                                          world_size=world)
