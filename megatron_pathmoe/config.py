@@ -69,6 +69,9 @@ class PathMoEConfig:
     attention_dropout: float = 0.0
     hidden_dropout: float = 0.0
     bf16: bool = False
+    # Megatron-LM's --calculate-per-token-loss: the global batch's loss is the sum over its
+    # unmasked tokens / their number (not the mean of per-micro-batch means).
+    calculate_per_token_loss: bool = False
 
     # Mixture of experts.
     num_experts: int = 8
@@ -491,6 +494,7 @@ class PathMoEConfig:
             gradient_accumulation_fusion=False,
             attention_dropout=self.attention_dropout,
             hidden_dropout=self.hidden_dropout,
+            calculate_per_token_loss=self.calculate_per_token_loss,
             init_method_std=self.init_method_std,
             bf16=self.bf16,
             params_dtype=self.params_dtype,
@@ -535,7 +539,6 @@ class PathMoEConfig:
             moe_router_fusion=False,
             # Per-layer logging needs a layer number; keep megatron's own tracker.
             moe_per_layer_logging=True,
-            calculate_per_token_loss=False,
         )
 
     def replace(self, **changes: Any) -> "PathMoEConfig":

@@ -43,6 +43,7 @@ CHANGEABLE_FIELDS = frozenset({
     "tensor_model_parallel_size", "pipeline_model_parallel_size", "expert_model_parallel_size",
     "sequence_parallel", "virtual_pipeline_model_parallel_size", "moe_token_dispatcher_type",
     "attention_dropout", "hidden_dropout", "moe_aux_loss_coeff", "moe_z_loss_coeff",
+    "calculate_per_token_loss",
     "moe_router_bias_update_rate", "moe_path_restriction", "moe_path_restriction_top_k",
     # Performance switches and token dropping change how a step runs, not the weights: a
     # requeued job may turn on recompute after an OOM, or fused kernels on another cluster.

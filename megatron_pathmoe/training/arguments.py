@@ -326,6 +326,11 @@ def _training_flags(parser: argparse.ArgumentParser, t: TrainingConfig) -> None:
     g.add_argument("--adam-beta2", type=float, default=t.adam_beta2)
     g.add_argument("--adam-eps", type=float, default=t.adam_eps)
     g.add_argument("--clip-grad", type=float, default=t.clip_grad)
+    g.add_argument("--calculate-per-token-loss", action="store_true",
+                   help="weigh every unmasked token of the global batch equally (loss sum / "
+                        "token count over all micro-batches and ranks) instead of averaging "
+                        "per-micro-batch means; differs only when loss masks differ "
+                        "(--eod-mask-loss)")
     g.add_argument("--seed", type=int, default=t.seed)
     g.add_argument("--log-interval", type=int, default=t.log_interval)
     g.add_argument("--eval-interval", type=int, default=t.eval_interval,

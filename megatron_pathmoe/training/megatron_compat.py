@@ -104,8 +104,6 @@ UNSUPPORTED: dict[str, Unsupported] = {
                                        "batch is fixed"),
     "--decoupled-lr": Unsupported("one learning rate schedule for every parameter"),
     "--decoupled-min-lr": Unsupported("one learning rate schedule for every parameter"),
-    "--calculate-per-token-loss": Unsupported("the loss is megatron-core's per-micro-batch "
-                                              "token mean; per-token loss scaling is not wired"),
     **{flag: Unsupported(_CUDA_GRAPH) for flag in ("--enable-cuda-graph", "--external-cuda-graph",
                                                    "--cuda-graph-impl", "--cuda-graph-scope")},
     "--attention-backend": Unsupported("the attention implementation follows --transformer-impl",
