@@ -1,16 +1,19 @@
 """Cluster operations with Megatron-LM's flags and meanings: one command for the first launch
 and every requeue, graceful exits (time budget, SIGTERM, interval), what a ``--load`` restores
-(``--no-load-optim``, ``--no-load-rng``, ``--finetune``), the checkpoint format, and the data
-sources beyond ``--data-path`` (``--test-data-path``, ``--mock-data``, ``--num-workers``)."""
+(``--no-load-optim``, ``--no-load-rng``, ``--finetune``), the checkpoint format, the data
+sources beyond ``--data-path`` (``--test-data-path``, ``--mock-data``, ``--num-workers``) and
+manual garbage collection (``--manual-gc``)."""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import gc
 import os
 import signal
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Iterator
 
 from megatron_pathmoe.config import ConfigError, PathMoEConfig, dataclass_from_namespace
 from megatron_pathmoe.data.encoders import TokenizerSpec
@@ -31,6 +34,9 @@ class ClusterConfig:
     test_data_path: list[str] | None = None
     mock_data: bool = False
     num_workers: int = 0
+    manual_gc: bool = False
+    manual_gc_interval: int = 0
+    manual_gc_eval: bool = True
 
     @classmethod
     def from_args(cls, ns: argparse.Namespace) -> "ClusterConfig":
@@ -71,6 +77,16 @@ def add_cluster_args(parser: argparse.ArgumentParser) -> None:
                    help="synthetic tokens instead of --data-path (no files)")
     g.add_argument("--num-workers", type=int, default=d.num_workers,
                    help="DataLoader worker processes (data order unchanged)")
+    g.add_argument("--manual-gc", action="store_true",
+                   help="turn Python's threshold garbage collector off for the training loop "
+                        "and collect at the same points on every rank (before and after each "
+                        "evaluation, every --manual-gc-interval steps), so no rank stalls the "
+                        "others' collectives with a collection of its own")
+    g.add_argument("--manual-gc-interval", type=int, default=d.manual_gc_interval,
+                   help="with --manual-gc: collect every this many steps (0: never between "
+                        "steps)")
+    g.add_argument("--no-manual-gc-eval", dest="manual_gc_eval", action="store_false",
+                   help="with --manual-gc: no collection around evaluations")
 
 
 def validate_cluster(cluster: ClusterConfig) -> None:
@@ -83,6 +99,11 @@ def validate_cluster(cluster: ClusterConfig) -> None:
     if cluster.num_workers < 0:
         raise ConfigError("--num-workers must be >= 0 (0 reads the data in the training "
                           "process)")
+    if cluster.manual_gc_interval < 0:
+        raise ConfigError("--manual-gc-interval must be >= 0 (0: no collection between steps)")
+    if cluster.manual_gc_interval and not cluster.manual_gc:
+        raise ConfigError("--manual-gc-interval needs --manual-gc (without it Python collects "
+                          "on its own thresholds)")
 
 
 def check_data_sources(cluster: ClusterConfig, data_path: list[str],
@@ -97,6 +118,47 @@ def check_data_sources(cluster: ClusterConfig, data_path: list[str],
         parse_blend(data_path, "--data-path")  # checks every .bin/.idx exists
     if cluster.test_data_path:
         parse_blend(cluster.test_data_path, "--test-data-path")
+
+
+class ManualGC:
+    """Megatron-LM's ``--manual-gc``: Python's automatic collector is off from ``start()`` to
+    ``close()``; collections run at ``start()``, after every ``--manual-gc-interval``-th step
+    and around evaluations (unless ``--no-manual-gc-eval``). ``collections`` counts them."""
+
+    def __init__(self, cluster: ClusterConfig) -> None:
+        self.cluster = cluster
+        self.collections = 0
+        self._was_enabled: bool | None = None
+
+    def _collect(self) -> None:
+        gc.collect()
+        self.collections += 1
+
+    def start(self) -> None:
+        if self.cluster.manual_gc and self._was_enabled is None:
+            self._was_enabled = gc.isenabled()
+            gc.disable()
+            self._collect()
+
+    def after_step(self, iteration: int) -> None:
+        interval = self.cluster.manual_gc_interval
+        if self.cluster.manual_gc and interval and iteration % interval == 0:
+            self._collect()
+
+    @contextlib.contextmanager
+    def around_evaluation(self) -> Iterator[None]:
+        collect = self.cluster.manual_gc and self.cluster.manual_gc_eval
+        if collect:
+            self._collect()
+        yield
+        if collect:
+            self._collect()
+
+    def close(self) -> None:
+        """Give Python its collector back (as it was before ``start()``)."""
+        if self._was_enabled:
+            gc.enable()
+        self._was_enabled = None
 
 
 class ExitPolicy:

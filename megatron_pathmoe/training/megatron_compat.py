@@ -131,8 +131,6 @@ UNSUPPORTED: dict[str, Unsupported] = {
         "megatron-core forbids with it (sequence parallelism already splits those inputs)"),
     "--vocab-extra-ids": Unsupported("T5 sentinel tokens: the GPT tokenizers here add none; "
                                      "use 0", accepts="0"),
-    "--manual-gc": Unsupported("manual garbage collection is not wired; Python's runs as usual"),
-    "--manual-gc-interval": Unsupported("manual garbage collection is not wired"),
 }
 # Megatron-LM switches for what this project always does: accepted, nothing to change.
 ALWAYS_ON = {

@@ -37,6 +37,7 @@ class RunSummary:
     test_loss: float | None = None  # --test-data-path
     test_perplexity: float | None = None
     exit_reason: str | None = None  # why the run saved and exited before --train-iters
+    manual_gc_collections: int | None = None  # --manual-gc: collections this rank ran
 
 
 def _exp(loss: float | None) -> float | None:
@@ -47,7 +48,7 @@ def build_summary(window: MetricsWindow, run: dict, valid_loss: float | None,
                   test_loss: float | None = None) -> RunSummary:
     """``run``: the fields the window does not know (routing, path_block_size, iterations,
     parameters, start_iteration, consumed_samples, world_size, peak_memory_gib,
-    permute_impl, exit_reason)."""
+    permute_impl, exit_reason, manual_gc_collections)."""
     step = window.steady_step_seconds()
     load = window.load
     return RunSummary(

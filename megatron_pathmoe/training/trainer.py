@@ -19,7 +19,7 @@ from megatron_pathmoe.config import PathMoEConfig
 from megatron_pathmoe.runtime import check_platform, initialize_distributed, log, warn
 from megatron_pathmoe.training.arguments import TrainingConfig
 from megatron_pathmoe.training.build import build_model_and_optimizer
-from megatron_pathmoe.training.cluster import ExitPolicy
+from megatron_pathmoe.training.cluster import ExitPolicy, ManualGC
 from megatron_pathmoe.training.data import build_data_iterators
 from megatron_pathmoe.training.faults import FaultInjector, NonFiniteGuard
 from megatron_pathmoe.training.metrics import MetricsWindow, peak_memory_gib
@@ -41,6 +41,7 @@ class Trainer:
         self.start_iteration = self.consumed_samples = 0
         # From here on SIGTERM is caught (--exit-signal-handler) and the job's time counts.
         self.exits = ExitPolicy(train.cluster)
+        self.gc = ManualGC(train.cluster)
 
     # ------------------------------------------------------------------ setup
 
@@ -141,9 +142,11 @@ class Trainer:
         early, without them, like Megatron-LM."""
         last, stop = self.train_cfg.train_iters, None
         valid_loss = test_loss = None
+        self.gc.start()
         try:
             for iteration in range(self.start_iteration + 1, last + 1):
                 self.train_step(iteration)
+                self.gc.after_step(iteration)
                 saved = self._after_step(iteration, last)
                 stop = self.exits.check(iteration) if iteration < last else None
                 if stop:
@@ -153,6 +156,7 @@ class Trainer:
                 valid_loss = self._validate(last)
                 test_loss = self._test()
         finally:  # also on an error: the stream and events so far stay readable
+            self.gc.close()
             self.watch.close()
             self.exits.close()
             self.data.close()
@@ -192,7 +196,8 @@ class Trainer:
         """``--test-data-path``: one evaluation after training."""
         if self.data.test is None:
             return None
-        loss = self.evaluate(self.data.test)
+        with self.gc.around_evaluation():
+            loss = self.evaluate(self.data.test)
         log(f"test: loss {loss:.4f} | perplexity {math.exp(loss):.2f}")
         return loss
 
@@ -203,7 +208,8 @@ class Trainer:
                             load=self.window.load, entropy=self.window.entropy)
 
     def _validate(self, iteration: int) -> float:
-        val = self.evaluate()
+        with self.gc.around_evaluation():
+            val = self.evaluate()
         self.watch.validation(iteration, val, self.consumed_samples)
         return val
 
@@ -237,7 +243,9 @@ class Trainer:
                "start_iteration": self.start_iteration,
                "consumed_samples": self.consumed_samples, "world_size": self.world,
                "peak_memory_gib": peak_memory_gib(self.device),
-               "permute_impl": permute_impl_report(), "exit_reason": exit_reason}
+               "permute_impl": permute_impl_report(), "exit_reason": exit_reason,
+               "manual_gc_collections": (self.gc.collections if self.train_cfg.cluster.manual_gc
+                                         else None)}
         return build_summary(self.window, run, valid_loss, test_loss)
 
 

@@ -57,11 +57,13 @@ def test_num_workers_give_the_same_batches(mock_train, workers):
 
 def test_test_data_is_evaluated_once_after_training_with_workers(demo_data, tmp_path):
     """--test-data-path = the validation files: the test loss equals the final validation
-    loss; --num-workers 2 trains on the same batches as the in-process reader."""
+    loss; --num-workers 2 trains on the same batches as the in-process reader; --manual-gc
+    --manual-gc-interval 2 changes no number and collects at the start, after step 2 and
+    around the validation and the test evaluation (6 times)."""
     common = [*data_args(demo_data), "--train-iters", "3"]
     with_test, plain = tmp_path / "test.json", tmp_path / "plain.json"
     out = run([*common, "--test-data-path", demo_data["valid_prefix"], "--num-workers", "2",
-               "--summary-json", str(with_test)])
+               "--manual-gc", "--manual-gc-interval", "2", "--summary-json", str(with_test)])
     run([*common, "--summary-json", str(plain)])
     tested, reference = summary(with_test), summary(plain)
     assert tested["train_losses"] == reference["train_losses"]
@@ -69,6 +71,41 @@ def test_test_data_is_evaluated_once_after_training_with_workers(demo_data, tmp_
     assert tested["test_perplexity"] == pytest.approx(math.exp(tested["test_loss"]))
     assert reference["test_loss"] is None
     assert out.count("test: loss") == 1
+    assert (tested["manual_gc_collections"], reference["manual_gc_collections"]) == (6, None)
+
+
+def test_manual_gc_turns_the_collector_off_and_collects_at_its_points(monkeypatch):
+    import gc
+
+    from megatron_pathmoe.training.cluster import ClusterConfig, ManualGC
+
+    collected = []
+    monkeypatch.setattr(gc, "collect", lambda *a: collected.append(gc.isenabled()) or 0)
+    assert gc.isenabled()
+    manual = ManualGC(ClusterConfig(manual_gc=True, manual_gc_interval=3))
+    try:
+        manual.start()
+        assert not gc.isenabled()
+        for iteration in range(1, 8):
+            manual.after_step(iteration)  # collects after steps 3 and 6
+        with manual.around_evaluation():
+            assert manual.collections == 4
+    finally:
+        manual.close()
+    assert gc.isenabled() and collected == [False] * 5 and manual.collections == 5
+    quiet = ManualGC(ClusterConfig(manual_gc=True, manual_gc_eval=False))
+    quiet.start()
+    quiet.after_step(3)
+    with quiet.around_evaluation():
+        pass
+    quiet.close()
+    assert quiet.collections == 1 and gc.isenabled()
+    off = ManualGC(ClusterConfig())
+    off.start()
+    assert gc.isenabled()
+    off.after_step(3)
+    off.close()
+    assert off.collections == 0
 
 
 def test_mock_data_trains_without_any_file(tmp_path):
@@ -87,7 +124,10 @@ def test_mock_data_trains_without_any_file(tmp_path):
     (["--mock-data", "--data-path", "x"], "--mock-data"),
     (["--data-path", "{train}", "--test-data-path", "/nonexistent/prefix"], "--test-data-path"),
     (["--mock-data", "--num-workers", "-1"], "--num-workers"),
-], ids=["mock-and-data-path", "missing-test-files", "negative-workers"])
+    (["--mock-data", "--manual-gc-interval", "5"], "--manual-gc-interval needs --manual-gc"),
+    (["--mock-data", "--manual-gc", "--manual-gc-interval", "-1"], "--manual-gc-interval"),
+], ids=["mock-and-data-path", "missing-test-files", "negative-workers", "gc-interval-alone",
+        "negative-gc-interval"])
 def test_bad_data_sources_are_one_line_errors(demo_data, argv, flag, capsys):
     from megatron_pathmoe.training.arguments import parse_args
 
