@@ -87,6 +87,8 @@ class PathMoEConfig:
     moe_router_topk_scaling_factor: float | None = None
     moe_router_num_groups: int | None = None
     moe_router_group_topk: int | None = None
+    # Megatron-LM's benchmarking aid: every router routes on random logits (balanced load).
+    moe_router_force_load_balancing: bool = False
     # Aux-loss-free balancing (megatron): a per-expert selection bias moved by
     # moe_router_bias_update_rate towards balance after every global batch; needs sigmoid scores.
     moe_router_enable_expert_bias: bool = False
@@ -518,6 +520,7 @@ class PathMoEConfig:
             moe_router_topk_scaling_factor=self.moe_router_topk_scaling_factor,
             moe_router_num_groups=self.moe_router_num_groups,
             moe_router_group_topk=self.moe_router_group_topk,
+            moe_router_force_load_balancing=self.moe_router_force_load_balancing,
             moe_router_load_balancing_type=self.moe_router_load_balancing_type,
             moe_aux_loss_coeff=self.moe_aux_loss_coeff,
             moe_z_loss_coeff=self.moe_z_loss_coeff,

@@ -78,6 +78,9 @@ def check_exportable(cfg: PathMoEConfig) -> None:
         raise ConversionError("--moe-router-load-balancing-type sinkhorn with --moe-router-topk "
                               "1 gates with a sigmoid; Qwen2-MoE routes with a softmax, so "
                               "this model has no exact Hugging Face export")
+    if cfg.moe_router_force_load_balancing:
+        raise ConversionError("--moe-router-force-load-balancing: the model routed on random "
+                              "logits (a benchmarking aid); its gates mean nothing to export")
     for flag, given in (("--moe-router-topk-scaling-factor",
                          cfg.moe_router_topk_scaling_factor not in (None, 1.0)),
                         ("--moe-router-group-topk", cfg.moe_router_group_topk is not None)):

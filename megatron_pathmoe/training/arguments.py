@@ -239,6 +239,9 @@ def _moe_and_routing_flags(parser: argparse.ArgumentParser, m: PathMoEConfig) ->
                    default=m.moe_router_score_function)
     g.add_argument("--moe-router-topk-scaling-factor", type=float, default=None,
                    help="multiply the selected experts' gate weights by this (default 1)")
+    g.add_argument("--moe-router-force-load-balancing", action="store_true",
+                   help="benchmarking aid: every router routes on random logits (a balanced "
+                        "load; the model learns no routing and cannot be exported)")
     g.add_argument("--moe-router-num-groups", type=int, default=None,
                    help="group-limited routing: experts form this many equal groups (e.g. the "
                         "expert-parallel size: device-limited routing)")

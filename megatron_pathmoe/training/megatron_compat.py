@@ -121,8 +121,6 @@ UNSUPPORTED: dict[str, Unsupported] = {
                                           "variants"),
     "--moe-router-fusion": Unsupported("the fused router kernel (transformer-engine) is not "
                                        "wired; the --routing variants route in PyTorch"),
-    "--moe-router-force-load-balancing": Unsupported("forced balanced routing (a benchmarking "
-                                                     "aid) is not wired"),
     "--overlap-param-gather-with-optimizer-step": Unsupported(
         "the optimizer step does not dispatch the first bucket's all-gather; "
         "--overlap-param-gather overlaps the gathers with the next forward pass"),

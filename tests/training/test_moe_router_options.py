@@ -350,3 +350,25 @@ def test_group_and_scaling_flags_reach_megatron_and_block_export():
         with pytest.raises(ConversionError, match=flag):
             check_exportable(parse_args(argv + extra)[0])
     check_exportable(parse_args(argv)[0])
+
+
+@pytest.mark.parametrize("name", list(VARIANTS))
+def test_force_load_balancing_routes_on_random_logits(megatron_world1, name):
+    """--moe-router-force-load-balancing (megatron-core's benchmarking aid) in every variant:
+    the top-k sees fresh standard-normal logits at every forward of the same batch, not the
+    router's (which are the same each time and far smaller at initialisation)."""
+    model = _build(name, moe_router_force_load_balancing=True, num_experts=8)
+    logits = _record_logits(model)
+    assert torch.isfinite(_loss(model))
+    first = {layer: x.clone() for layer, x in logits.items()}
+    _loss(model)
+    assert first
+    for layer, x in logits.items():
+        x = x.reshape(-1, x.shape[-1]).float()
+        assert abs(float(x.mean())) < 0.15 and abs(float(x.std()) - 1) < 0.15
+        assert not torch.equal(first[layer], logits[layer])
+    from megatron_pathmoe.convert.errors import ConversionError
+    from megatron_pathmoe.convert.qwen2_moe import check_exportable
+
+    with pytest.raises(ConversionError, match="force-load-balancing"):
+        check_exportable(PathMoEConfig(moe_router_force_load_balancing=True).validate())
