@@ -28,6 +28,7 @@ from megatron_pathmoe.ops import PERMUTE_IMPLS
 from megatron_pathmoe.platform import DEVICE_CHOICES
 from megatron_pathmoe.runtime import OneLineErrorParser
 from megatron_pathmoe.training.cluster import (
+    DECOUPLED_LR_FIELDS,
     ClusterConfig,
     add_cluster_args,
     check_data_sources,
@@ -75,6 +76,10 @@ class TrainingConfig:
     train_samples: int | None = None
     lr: float = 3e-3
     min_lr: float = 3e-4
+    # Megatron-LM's --decoupled-lr/--decoupled-min-lr: the input embedding and output layer's
+    # own schedule bounds (None: --lr/--min-lr).
+    decoupled_lr: float | None = None
+    decoupled_min_lr: float | None = None
     lr_warmup_init: float = 0.0
     lr_warmup_iters: int = DEFAULT_WARMUP_ITERS
     lr_warmup_samples: int = 0
@@ -346,6 +351,11 @@ def _lr_flags(parser: argparse.ArgumentParser, t: TrainingConfig) -> None:
     g = parser.add_argument_group("learning rate")
     g.add_argument("--lr", type=float, default=t.lr)
     g.add_argument("--min-lr", type=float, default=t.min_lr)
+    g.add_argument("--decoupled-lr", type=float, default=None,
+                   help="peak LR of the input embedding and output layer (their own param "
+                        "group, same schedule shape; default --lr)")
+    g.add_argument("--decoupled-min-lr", type=float, default=None,
+                   help="with --decoupled-lr: their minimum LR (default --min-lr)")
     g.add_argument("--lr-decay-style", choices=LR_DECAY_STYLES, default=t.lr_decay_style)
     g.add_argument("--lr-decay-iters", type=int, default=None,
                    help="iterations to decay the LR over (default: --train-iters)")
@@ -532,6 +542,13 @@ def _validate_schedule(train: TrainingConfig) -> None:
     if not 0 <= train.lr_warmup_init <= train.lr or not 0 <= train.min_lr <= train.lr:
         raise ConfigError(f"need 0 <= --min-lr ({train.min_lr}) and --lr-warmup-init "
                           f"({train.lr_warmup_init}) <= --lr ({train.lr})")
+    if train.decoupled_min_lr is not None and train.decoupled_lr is None:
+        raise ConfigError("--decoupled-min-lr needs --decoupled-lr (the embedding and output "
+                          "layer's peak LR)")
+    if train.decoupled_lr is not None and not 0 <= (
+            train.decoupled_min_lr or 0) <= train.decoupled_lr:
+        raise ConfigError(f"need 0 <= --decoupled-min-lr ({train.decoupled_min_lr}) <= "
+                          f"--decoupled-lr ({train.decoupled_lr})")
     if train.lr_decay_style == "WSD" and not 0 < (s.wsd_decay_steps or 0) <= s.decay_steps:
         raise ConfigError(f"--lr-decay-style WSD needs --lr-wsd-decay-{unit} between 1 and the "
                           f"decay length ({s.decay_steps} {unit})")
@@ -588,7 +605,8 @@ def validate(model: PathMoEConfig, train: TrainingConfig, world_size: int,
     if not check_data:
         return model
     if train.load:
-        check_resumable(train.load, model, train.tokenizer_spec())
+        check_resumable(train.load, model, train.tokenizer_spec(),
+                        {name: getattr(train, name) for name in DECOUPLED_LR_FIELDS})
     check_data_sources(train.cluster, train.data_path, train.valid_data_path)
     if train.valid_data_path:
         parse_blend(train.valid_data_path, "--valid-data-path")

@@ -100,7 +100,9 @@ def _optimizer_and_scheduler(chunks: list, model_cfg: PathMoEConfig, train: Trai
                         adam_beta2=train.adam_beta2, adam_eps=train.adam_eps,
                         clip_grad=train.clip_grad, bf16=model_cfg.bf16,
                         params_dtype=model_cfg.params_dtype,
-                        use_distributed_optimizer=train.use_distributed_optimizer),
+                        use_distributed_optimizer=train.use_distributed_optimizer,
+                        decoupled_lr=train.decoupled_lr,
+                        decoupled_min_lr=train.decoupled_min_lr),
         chunks)
     steps = train.lr_schedule()
     start_wd, end_wd = train.weight_decay_range()

@@ -19,6 +19,8 @@ from megatron_pathmoe.config import ConfigError, PathMoEConfig, dataclass_from_n
 from megatron_pathmoe.data.encoders import TokenizerSpec
 
 CKPT_FORMATS = ("torch_dist",)  # --ckpt-format: the one megatron-core dist checkpointing writes
+# Param-group LR bounds that the optimizer state of a checkpoint carries: a resume keeps them.
+DECOUPLED_LR_FIELDS = ("decoupled_lr", "decoupled_min_lr")
 
 
 @dataclass
@@ -212,10 +214,11 @@ class ExitPolicy:
             self._previous = None
 
 
-def check_resumable(path: str, model: PathMoEConfig, tokenizer: TokenizerSpec) -> None:
-    """Fail before launch when --load names a damaged checkpoint, a different model or a
-    different tokenizer. A path without any checkpoint yet passes: the run starts from scratch
-    (the first launch of a ``--save X --load X`` job)."""
+def check_resumable(path: str, model: PathMoEConfig, tokenizer: TokenizerSpec,
+                    decoupled_lr: dict[str, float | None] | None = None) -> None:
+    """Fail before launch when --load names a damaged checkpoint, a different model, a
+    different tokenizer or other ``--decoupled-*lr`` values. A path without any checkpoint yet
+    passes: the run starts from scratch (the first launch of a ``--save X --load X`` job)."""
     from megatron_pathmoe.checkpoint import check_compatible, find_checkpoint, read_run_config
     from megatron_pathmoe.checkpoint.record import tokenizer_differences
 
@@ -228,3 +231,10 @@ def check_resumable(path: str, model: PathMoEConfig, tokenizer: TokenizerSpec) -
                           f"{'; '.join(differences)}; use the checkpoint's tokenizer")
     probe = model.replace(vocab_size=saved.model.vocab_size)  # vocab comes from the tokenizer
     check_compatible(saved.model, probe, f"--load {path}")
+    changed = [f"--{name.replace('_', '-')} {value} (the checkpoint's: "
+               f"{saved.training.get(name)})" for name, value in (decoupled_lr or {}).items()
+               if value != saved.training.get(name)]
+    if changed:
+        raise ConfigError(f"--load {path}: {'; '.join(changed)}; the embedding and output "
+                          "layer's param group keeps its LR bounds in the optimizer state, so "
+                          "resume with the checkpoint's values")

@@ -102,8 +102,6 @@ UNSUPPORTED: dict[str, Unsupported] = {
     "--sgd-momentum": Unsupported("only Adam is wired (--optimizer adam)"),
     "--rampup-batch-size": Unsupported("batch-size ramp-up is not implemented; the global "
                                        "batch is fixed"),
-    "--decoupled-lr": Unsupported("one learning rate schedule for every parameter"),
-    "--decoupled-min-lr": Unsupported("one learning rate schedule for every parameter"),
     **{flag: Unsupported(_CUDA_GRAPH) for flag in ("--enable-cuda-graph", "--external-cuda-graph",
                                                    "--cuda-graph-impl", "--cuda-graph-scope")},
     "--attention-backend": Unsupported("the attention implementation follows --transformer-impl",

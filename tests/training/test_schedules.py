@@ -237,3 +237,57 @@ def test_a_sample_budget_runs_through_the_trainer(demo_data, tmp_path):
     lrs = [line["learning-rate"] for line in lines if "learning-rate" in line]
     assert lrs == pytest.approx([_expected(4 * k, "linear", warmup=6, decay=21)
                                  for k in range(1, 6)], rel=1e-12)
+
+
+def test_decoupled_lr_gives_embedding_and_output_their_own_bounds(megatron_world1):
+    """--decoupled-lr/--decoupled-min-lr: megatron-core puts the input embedding and output
+    layer in their own param group, whose LR follows the same schedule between its own
+    bounds; every other group follows --lr/--min-lr."""
+    argv = ["--train-iters", "8", "--lr-warmup-iters", "2", "--lr-decay-style", "linear",
+            "--decoupled-lr", "0.05", "--decoupled-min-lr", "0.005"]
+    train, chunks, optimizer, scheduler = _built(argv)
+    embedding = {id(p) for chunk in chunks for n, p in chunk.named_parameters()
+                 if "word_embeddings" in n or "output_layer" in n}
+    groups = optimizer.param_groups
+    decoupled = [g for g in groups if {id(p) for p in g["params"]} & embedding]
+    assert decoupled and all({id(p) for p in g["params"]} <= embedding for g in decoupled)
+    others = [g for g in groups if g not in decoupled]
+    for k in range(1, 9):
+        scheduler.step(increment=train.lr_schedule().increment)
+        for group in decoupled:
+            assert group["lr"] == pytest.approx(
+                0.005 + (_expected(k, "linear", 2, 8) - MIN_LR) / (LR - MIN_LR) * 0.045)
+        for group in others:
+            assert group["lr"] == pytest.approx(_expected(k, "linear", 2, 8))
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["--decoupled-min-lr", "0.001"], "--decoupled-min-lr needs --decoupled-lr"),
+    (["--decoupled-lr", "0.01", "--decoupled-min-lr", "0.02"], "<= --decoupled-lr"),
+])
+def test_bad_decoupled_lr_is_refused_in_one_line(argv, needle, capsys):
+    with pytest.raises(SystemExit):
+        _configs(argv)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and needle in err[0]
+
+
+def test_resume_refuses_other_decoupled_lr(monkeypatch):
+    """The embedding/output param group carries its LR bounds in the optimizer state: --load
+    with other --decoupled-* values fails before launch, naming both."""
+    import megatron_pathmoe.checkpoint as checkpoint
+    import megatron_pathmoe.checkpoint.record as record
+    from megatron_pathmoe.checkpoint.record import RunConfig
+    from megatron_pathmoe.config import ConfigError, PathMoEConfig
+    from megatron_pathmoe.data.encoders import TokenizerSpec
+    from megatron_pathmoe.training.cluster import check_resumable
+
+    saved = RunConfig(model=PathMoEConfig(), iteration=4, tokenizer_path="", tokenizer_sha256="",
+                      training={"decoupled_lr": 0.05, "decoupled_min_lr": None})
+    monkeypatch.setattr(checkpoint, "find_checkpoint", lambda path: path)
+    monkeypatch.setattr(checkpoint, "read_run_config", lambda path: saved)
+    monkeypatch.setattr(record, "tokenizer_differences", lambda run, spec: [])
+    same = {"decoupled_lr": 0.05, "decoupled_min_lr": None}
+    check_resumable("ckpt", PathMoEConfig(), TokenizerSpec(), same)
+    with pytest.raises(ConfigError, match=r"--decoupled-lr 0.1 \(the checkpoint's: 0.05\)"):
+        check_resumable("ckpt", PathMoEConfig(), TokenizerSpec(), {**same, "decoupled_lr": 0.1})
