@@ -46,6 +46,7 @@ from megatron_pathmoe.training.performance import (
     add_performance_args,
     validate_performance,
 )
+from megatron_pathmoe.training.rampup import BatchRampup, GlobalBatchSchedule
 
 NONFINITE_ACTIONS = ("stop", "skip")  # --nonfinite-action
 LR_DECAY_STYLES = ("constant", "linear", "cosine", "inverse-square-root", "WSD")
@@ -65,13 +66,21 @@ class LRSchedule:
     decay_steps: int
     wsd_decay_steps: int | None
     wd_incr_steps: int
-    increment: int  # scheduler steps per iteration
+    increment: int  # scheduler steps per iteration (samples: per --global-batch-size)
+    in_samples: bool = False
+
+    def step_increment(self, global_batch_size: int) -> int:
+        """Scheduler steps for one iteration of ``global_batch_size`` samples (a ramp-up
+        step is smaller than --global-batch-size; an iteration budget counts 1)."""
+        return global_batch_size if self.in_samples else 1
 
 
 @dataclass
 class TrainingConfig:
     micro_batch_size: int = 4
     global_batch_size: int = 16
+    # --rampup-batch-size START INCREMENT SAMPLES (training/rampup.py; --train-samples only)
+    rampup_batch_size: list[int] | None = None
     train_iters: int = DEFAULT_TRAIN_ITERS  # with --train-samples: train_samples // batch
     train_samples: int | None = None
     lr: float = 3e-3
@@ -157,7 +166,7 @@ class TrainingConfig:
             total, increment = self.train_samples, self.global_batch_size
         if self.lr_warmup_fraction is not None:
             warmup = self.lr_warmup_fraction * decay
-        return LRSchedule(warmup, decay, wsd, total, increment)
+        return LRSchedule(warmup, decay, wsd, total, increment, self.train_samples is not None)
 
     def weight_decay_range(self) -> tuple[float, float]:
         """(start, end) of the weight decay: ``--start-/--end-weight-decay``, else
@@ -169,9 +178,17 @@ class TrainingConfig:
     def data_parallel_size(self, model: PathMoEConfig, world_size: int) -> int:
         return world_size // (model.tensor_model_parallel_size * model.pipeline_model_parallel_size)
 
-    def num_microbatches(self, model: PathMoEConfig, world_size: int) -> int:
+    def num_microbatches(self, model: PathMoEConfig, world_size: int,
+                         global_batch_size: int | None = None) -> int:
+        """Micro-batches per step on each data-parallel rank, for ``--global-batch-size`` or
+        the given (ramp-up) global batch."""
         dp = self.data_parallel_size(model, world_size)
-        return self.global_batch_size // (self.micro_batch_size * dp)
+        return (global_batch_size or self.global_batch_size) // (self.micro_batch_size * dp)
+
+    def batch_schedule(self) -> GlobalBatchSchedule:
+        """Every step's global batch size (``--rampup-batch-size``, else fixed)."""
+        return GlobalBatchSchedule(self.global_batch_size,
+                                   BatchRampup.from_flag(self.rampup_batch_size))
 
 
 def _or(value: int | None, default: int) -> int:
@@ -318,6 +335,10 @@ def _training_flags(parser: argparse.ArgumentParser, t: TrainingConfig) -> None:
     g = parser.add_argument_group("training")
     g.add_argument("--micro-batch-size", type=int, default=t.micro_batch_size)
     g.add_argument("--global-batch-size", type=int, default=t.global_batch_size)
+    g.add_argument("--rampup-batch-size", nargs=3, type=int, default=None,
+                   metavar=("START", "INCREMENT", "SAMPLES"),
+                   help="grow the global batch from START by INCREMENT over SAMPLES samples to "
+                        "--global-batch-size (needs --train-samples)")
     g.add_argument("--train-iters", type=int, default=None,
                    help=f"iterations to train (default {t.train_iters}; or --train-samples)")
     g.add_argument("--train-samples", type=int, default=None,
@@ -505,11 +526,16 @@ def _resolve_budget(ns: argparse.Namespace) -> None:
     if ns.lr_warmup_fraction is not None and warmup_given:
         raise ConfigError("--lr-warmup-fraction replaces --lr-warmup-iters/--lr-warmup-samples; "
                           "give one of them")
+    if ns.rampup_batch_size and not samples:
+        raise ConfigError("--rampup-batch-size needs a sample budget (--train-samples), as in "
+                          "Megatron-LM: an iteration budget has a fixed global batch")
     if samples:
         if ns.train_samples < ns.global_batch_size:
             raise ConfigError(f"--train-samples {ns.train_samples} is below one global batch "
                               f"(--global-batch-size {ns.global_batch_size})")
-        ns.train_iters = ns.train_samples // ns.global_batch_size
+        rampup = BatchRampup.from_flag(ns.rampup_batch_size)
+        ns.train_iters = GlobalBatchSchedule(ns.global_batch_size, rampup).iterations(
+            ns.train_samples)
     elif ns.train_iters is None:
         ns.train_iters = DEFAULT_TRAIN_ITERS
     if ns.lr_warmup_iters is None:
@@ -591,7 +617,10 @@ def validate(model: PathMoEConfig, train: TrainingConfig, world_size: int,
         raise ConfigError(
             f"--global-batch-size {train.global_batch_size} is not divisible by "
             f"--micro-batch-size {train.micro_batch_size} x data-parallel size {dp}")
-    check_pipeline_schedule(model, train.num_microbatches(model, world_size))
+    schedule = train.batch_schedule()
+    schedule.validate_divisible(train.micro_batch_size, dp)
+    for size in schedule.sizes():
+        check_pipeline_schedule(model, train.num_microbatches(model, world_size, size))
     for flag, value in (("--train-iters", train.train_iters),
                         ("--log-interval", train.log_interval),
                         ("--eval-iters", train.eval_iters)):

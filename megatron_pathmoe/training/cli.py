@@ -43,6 +43,12 @@ def _dry_run(model_cfg, train_cfg) -> int:
           f"global batch {train_cfg.global_batch_size} = micro-batch "
           f"{train_cfg.micro_batch_size} x {nmb} micro-batches x DP "
           f"{train_cfg.data_parallel_size(model_cfg, world)}")
+    schedule = train_cfg.batch_schedule()
+    if schedule.rampup is not None:
+        sizes = schedule.sizes()
+        print(f"batch ramp-up: global batch {', '.join(map(str, sizes))} over the first "
+              f"{schedule.rampup.samples:,} samples; {train_cfg.train_iters} iterations for "
+              f"--train-samples {train_cfg.train_samples:,}")
     _, _, report = layout_report(
         model_cfg, world, micro_batch_size=train_cfg.micro_batch_size, num_microbatches=nmb,
         use_distributed_optimizer=train_cfg.use_distributed_optimizer,

@@ -45,7 +45,7 @@ def build_data_iterators(model_cfg: PathMoEConfig, train: TrainingConfig,
     train_ds, valid_ds = build_gpt_datasets(
         None if mock else train.data_path, train.valid_data_path or None, tokenizer,
         model_cfg.seq_length, train.seed,
-        train_samples=train.train_iters * train.global_batch_size,
+        train_samples=train.batch_schedule().samples(train.train_iters),
         valid_samples=evals * eval_samples, split=train.split, cache_dir=train.data_cache_path,
         eod_mask_loss=train.eod_mask_loss)
     test_ds = (build_test_dataset(train.cluster.test_data_path, tokenizer, model_cfg.seq_length,

@@ -100,8 +100,6 @@ UNSUPPORTED: dict[str, Unsupported] = {
     "--optimizer": Unsupported("only Adam (decoupled weight decay, megatron's 'adam') is wired; "
                                "use adam", accepts="adam"),
     "--sgd-momentum": Unsupported("only Adam is wired (--optimizer adam)"),
-    "--rampup-batch-size": Unsupported("batch-size ramp-up is not implemented; the global "
-                                       "batch is fixed"),
     **{flag: Unsupported(_CUDA_GRAPH) for flag in ("--enable-cuda-graph", "--external-cuda-graph",
                                                    "--cuda-graph-impl", "--cuda-graph-scope")},
     "--attention-backend": Unsupported("the attention implementation follows --transformer-impl",

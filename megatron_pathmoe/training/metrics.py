@@ -129,6 +129,7 @@ class MetricsWindow:
         self.losses: list[float] = []
         self.grad_norms: list[float] = []
         self.step_seconds: list[float] = []
+        self.step_tokens: list[int] = []  # differ per step under --rampup-batch-size
         self.skipped: list[int] = []
         self.aux_means: dict[str, float] = {}  # of the last flushed window
         self.load: torch.Tensor | None = None  # of the last flushed window
@@ -136,16 +137,22 @@ class MetricsWindow:
         self._reset()
 
     def _reset(self) -> None:
-        self._start, self._iters, self._aux_sums = time.perf_counter(), 0, {}
+        self._start, self._iters, self._tokens, self._aux_sums = time.perf_counter(), 0, 0, {}
 
-    def update(self, iteration: int, result: Any, seconds: float) -> None:
-        """One step's result (a ``StepResult``) and its duration. Collective (aux losses)."""
+    def update(self, iteration: int, result: Any, seconds: float, tokens: int | None = None,
+               num_microbatches: int | None = None) -> None:
+        """One step's result (a ``StepResult``), its duration, and (a ramp-up step's) tokens
+        and micro-batches. Collective (aux losses)."""
+        tokens = self.tokens_per_iter if tokens is None else tokens
         self.step_seconds.append(seconds)
+        self.step_tokens.append(tokens)
+        self._tokens += tokens
         self.losses.append(result.loss)
         self.grad_norms.append(result.grad_norm)
         if result.skipped:
             self.skipped.append(iteration)
-        for name, value in pop_aux_losses(self.num_layers, self.num_microbatches).items():
+        for name, value in pop_aux_losses(self.num_layers,
+                                          num_microbatches or self.num_microbatches).items():
             self._aux_sums[name] = self._aux_sums.get(name, 0.0) + value
         self._iters += 1
         self._last = result
@@ -166,7 +173,7 @@ class MetricsWindow:
         result, iters = self._last, self._iters
         scalars = {"lm loss": result.loss, "grad-norm": result.grad_norm,
                    "learning-rate": result.lr, "skipped-iterations": float(len(self.skipped)),
-                   "tokens-per-second": self.tokens_per_iter * iters / elapsed,
+                   "tokens-per-second": self._tokens / elapsed,
                    "iteration-time": elapsed / iters, **self.aux_means}
         aux = " ".join(f"{k} {v:.4f}" for k, v in self.aux_means.items()) or "aux loss off"
         log(f"iter {iteration:6d}/{self.train_iters} | loss {result.loss:.4f} | {aux} | "
@@ -181,8 +188,17 @@ class MetricsWindow:
     def steady_step_seconds(self) -> float | None:
         """Mean step time without the first steps, which pay one-off costs (allocator,
         caches); None before any step."""
-        steady = self.step_seconds[min(2, len(self.step_seconds) - 1):]
+        steady = self.step_seconds[self._steady_start():]
         return sum(steady) / len(steady) if steady else None
+
+    def steady_tokens_per_second(self) -> float | None:
+        """Tokens over seconds of the same steps as :meth:`steady_step_seconds`."""
+        first = self._steady_start()
+        seconds = sum(self.step_seconds[first:])
+        return sum(self.step_tokens[first:]) / seconds if seconds else None
+
+    def _steady_start(self) -> int:
+        return min(2, len(self.step_seconds) - 1)
 
     def close(self) -> None:
         self.tracker.remove()

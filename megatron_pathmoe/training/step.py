@@ -43,9 +43,11 @@ def _global_mean(sums: torch.Tensor) -> float:
 def train_step(chunks: list[Any], optimizer: Any, scheduler: Any, data_iterator: Any,
                model_cfg: PathMoEConfig,
                train: TrainingConfig, num_microbatches: int,
-               should_step: Callable[[float], bool] | None = None) -> StepResult:
-    """One global batch. ``should_step(loss)`` (the non-finite guard) runs between backward
-    and the optimizer step and may veto the step."""
+               should_step: Callable[[float], bool] | None = None,
+               global_batch_size: int | None = None) -> StepResult:
+    """One global batch (``global_batch_size`` samples: a ramp-up step's, default
+    ``--global-batch-size``). ``should_step(loss)`` (the non-finite guard) runs between
+    backward and the optimizer step and may veto the step."""
     for chunk in chunks:
         chunk.zero_grad_buffer()
     optimizer.zero_grad()
@@ -56,7 +58,8 @@ def train_step(chunks: list[Any], optimizer: Any, scheduler: Any, data_iterator:
                           skipped=True)
     updated, grad_norm = _optimizer_step(optimizer, chunks[0].config.timers)
     if updated:
-        scheduler.step(increment=train.lr_schedule().increment)  # samples: a global batch
+        scheduler.step(increment=train.lr_schedule().step_increment(
+            global_batch_size or train.global_batch_size))
     return StepResult(loss=loss, grad_norm=float(grad_norm or 0.0),
                       lr=optimizer.param_groups[0]["lr"], skipped=not updated)
 

@@ -42,6 +42,7 @@ class Trainer:
         # From here on SIGTERM is caught (--exit-signal-handler) and the job's time counts.
         self.exits = ExitPolicy(train.cluster)
         self.gc = ManualGC(train.cluster)
+        self._last_batch: int | None = None  # the previous step's global batch
 
     # ------------------------------------------------------------------ setup
 
@@ -53,6 +54,7 @@ class Trainer:
                                              timeout_minutes=train.distributed_timeout_minutes)
         self.world = dist.get_world_size()
         self.num_microbatches = train.num_microbatches(cfg, self.world)
+        self.batches = train.batch_schedule()  # per-step global batch (--rampup-batch-size)
         self.chunks, self.optimizer, self.scheduler = build_model_and_optimizer(
             cfg, train, self.device)
         self.parameters = self._log_setup()
@@ -118,15 +120,28 @@ class Trainer:
         """One global batch (faults injected first, the non-finite guard before the update)."""
         self.watch.before_step(iteration)
         injected = self.faults.before_step(iteration, self.chunks)
+        batch = self._global_batch(iteration)
+        num_microbatches = self.train_cfg.num_microbatches(self.model_cfg, self.world, batch)
         t0 = time.perf_counter()
         result = train_step(self.chunks, self.optimizer, self.scheduler, self.data.train,
-                            self.model_cfg, self.train_cfg, self.num_microbatches,
-                            should_step=partial(self.guard.should_step, iteration))
+                            self.model_cfg, self.train_cfg, num_microbatches,
+                            should_step=partial(self.guard.should_step, iteration),
+                            global_batch_size=batch)
         seconds = time.perf_counter() - t0
         injected.remove()
-        self.consumed_samples += self.train_cfg.global_batch_size
-        self.window.update(iteration, result, seconds)
+        self.consumed_samples += batch
+        self.window.update(iteration, result, seconds, tokens=batch * self.model_cfg.seq_length,
+                           num_microbatches=num_microbatches)
         return result
+
+    def _global_batch(self, iteration: int) -> int:
+        """This step's global batch; the log says when a ramp-up changes it."""
+        batch = self.batches.size(self.consumed_samples)
+        if self.batches.rampup is not None and batch != self._last_batch:
+            log(f"global batch size {batch} from iteration {iteration} (--rampup-batch-size; "
+                f"{self.consumed_samples:,} samples consumed)")
+        self._last_batch = batch
+        return batch
 
     def evaluate(self, data_iterator=None) -> float:
         """Mean loss over ``--eval-iters`` global batches of the validation data (or

@@ -53,8 +53,9 @@ class RunWatch:
                         "training": dataclasses.asdict(train)},
             router_block_size=model_cfg.router_block_size or 1)
         self.profiler = StepProfiler(self.cfg, run_dir or os.getcwd(), dist.get_rank())
-        self.step_flops = flops_per_step(model_cfg, train.global_batch_size,
-                                         model_cfg.padded_vocab_size)
+        # Per token: a ramp-up step's FLOPs follow its tokens (tokens/s x s/iteration).
+        self.token_flops = flops_per_step(model_cfg, 1, model_cfg.padded_vocab_size) / \
+            model_cfg.seq_length
         self.peak_tflops = (peak_bf16_tflops(torch.cuda.get_device_name())
                             if device == "cuda" else None)
         self.timers = RunTimers.from_config(self.cfg, chunks, optimizer)
@@ -70,7 +71,9 @@ class RunWatch:
         written. Returns what was written."""
         scalars = {**scalars, "world-size": float(self.world)}
         if self.cfg.log_throughput:
-            scalars |= throughput_scalars(self.step_flops, scalars["iteration-time"],
+            step_flops = self.token_flops * scalars["tokens-per-second"] * \
+                scalars["iteration-time"]
+            scalars |= throughput_scalars(step_flops, scalars["iteration-time"],
                                           self.world, self.peak_tflops)
             mfu = f" | MFU {100 * scalars['mfu']:.1f}%" if "mfu" in scalars else ""
             log(f"    throughput: {scalars['throughput']:.4g} TFLOP/s per GPU{mfu}")
