@@ -32,8 +32,8 @@ RECOMPUTE_GRANULARITY_CHOICES = ("full", "selective")
 RECOMPUTE_METHOD_CHOICES = ("uniform", "block")
 # --recompute-modules that do something in this model: core_attn (attention scores), layernorm
 # (the two RMSNorms; transformer-engine only, see _validate_recompute), moe (the whole MoE
-# layer, router included).
-RECOMPUTE_MODULE_CHOICES = ("core_attn", "layernorm", "moe")
+# layer, router included), shared_experts (the shared expert, when there is one).
+RECOMPUTE_MODULE_CHOICES = ("core_attn", "layernorm", "moe", "shared_experts")
 
 
 class ConfigError(ValueError):
@@ -89,6 +89,11 @@ class PathMoEConfig:
     moe_router_group_topk: int | None = None
     # Megatron-LM's benchmarking aid: every router routes on random logits (balanced load).
     moe_router_force_load_balancing: bool = False
+    # A shared expert (DeepSeek/Qwen-MoE): a SwiGLU MLP of this width every token passes
+    # through besides its routed experts (None: none); with the gate its output is scaled by
+    # sigmoid(x . w) per token (Qwen2-MoE's shared_expert_gate).
+    moe_shared_expert_intermediate_size: int | None = None
+    moe_shared_expert_gate: bool = False
     # Aux-loss-free balancing (megatron): a per-expert selection bias moved by
     # moe_router_bias_update_rate towards balance after every global batch; needs sigmoid scores.
     moe_router_enable_expert_bias: bool = False
@@ -254,6 +259,7 @@ class PathMoEConfig:
         if self.moe_router_load_balancing_type == "sinkhorn":
             self._validate_sinkhorn()
         self._validate_groups()
+        self._validate_shared_expert()
         _require(self.moe_router_dtype in ROUTER_DTYPE_CHOICES,
                  f"--moe-router-dtype must be one of {', '.join(ROUTER_DTYPE_CHOICES)}")
 
@@ -274,6 +280,14 @@ class PathMoEConfig:
                               self.moe_router_topk_scaling_factor),
                              ("--moe-router-group-topk", self.moe_router_group_topk)):
             _require(given is None, f"{flag} ignores {other}; leave it out")
+
+    def _validate_shared_expert(self) -> None:
+        size, tp = self.moe_shared_expert_intermediate_size, self.tensor_model_parallel_size
+        _require(size is None or (size > 0 and size % tp == 0),
+                 f"--moe-shared-expert-intermediate-size {size} must be positive and divisible "
+                 f"by --tensor-model-parallel-size {tp} (the shared expert is tensor-parallel)")
+        _require(size is not None or not self.moe_shared_expert_gate,
+                 "--moe-shared-expert-gate needs --moe-shared-expert-intermediate-size")
 
     def _validate_groups(self) -> None:
         """Gate scaling and group-limited routing: megatron-core's rules, plus the shapes its
@@ -357,8 +371,12 @@ class PathMoEConfig:
             bad = [m for m in modules if m not in RECOMPUTE_MODULE_CHOICES]
             _require(not bad,
                      f"--recompute-modules {' '.join(bad)}: not available in this model (moe_act "
-                     "needs --moe-grouped-gemm, mlp/shared_experts/mla_up_proj have no module "
-                     f"here); choose from {', '.join(RECOMPUTE_MODULE_CHOICES)}")
+                     "needs --moe-grouped-gemm, mlp/mla_up_proj have no module here); choose "
+                     f"from {', '.join(RECOMPUTE_MODULE_CHOICES)}")
+            _require("shared_experts" not in modules
+                     or self.moe_shared_expert_intermediate_size is not None,
+                     "--recompute-modules shared_experts needs "
+                     "--moe-shared-expert-intermediate-size (there is no shared expert)")
             _require("layernorm" not in modules or _transformer_engine_importable(),
                      "--recompute-modules layernorm needs transformer-engine (megatron-core "
                      "0.16.1's CheckpointWithoutOutput reads TE's FP8 state), which does not "
@@ -521,6 +539,8 @@ class PathMoEConfig:
             moe_router_num_groups=self.moe_router_num_groups,
             moe_router_group_topk=self.moe_router_group_topk,
             moe_router_force_load_balancing=self.moe_router_force_load_balancing,
+            moe_shared_expert_intermediate_size=self.moe_shared_expert_intermediate_size,
+            moe_shared_expert_gate=self.moe_shared_expert_gate,
             moe_router_load_balancing_type=self.moe_router_load_balancing_type,
             moe_aux_loss_coeff=self.moe_aux_loss_coeff,
             moe_z_loss_coeff=self.moe_z_loss_coeff,

@@ -27,7 +27,9 @@ EXTRA_STATE_SUFFIX = "._extra_state"
 
 def _expected_rows(cfg: PathMoEConfig):
     return expand_rows(QWEN2_MOE_TABLE, cfg.num_layers, cfg.num_experts,
-                       tied_embeddings=not cfg.untie_embeddings_and_output_weights)
+                       tied_embeddings=not cfg.untie_embeddings_and_output_weights,
+                       shared_expert=cfg.moe_shared_expert_intermediate_size is not None,
+                       shared_expert_gate=cfg.moe_shared_expert_gate)
 
 
 def _missing(keys: list[str], what: str, hint: str) -> ConversionError:
@@ -64,7 +66,7 @@ def hf_to_megatron(hf_state: Mapping[str, torch.Tensor], cfg: PathMoEConfig,
                    source: str = "the Hugging Face model") -> dict[str, torch.Tensor]:
     """Qwen2-MoE state dict -> canonical megatron state dict (one router weight per layer)."""
     remaining = dict(hf_state)
-    qwen2_moe.pop_hf_only_tensors(remaining, cfg.num_layers)
+    qwen2_moe.pop_hf_only_tensors(remaining, cfg)
     if not cfg.untie_embeddings_and_output_weights:
         _drop_tied_head(remaining, source)
     dims = qwen2_moe.attention_dims(cfg)

@@ -157,11 +157,22 @@ QWEN2_MOE_TABLE: tuple[KeyMapping, ...] = (
                tp_dim=0, expert_parallel=True),
     KeyMapping(_EXPERT + "linear_fc2.weight", (_HF_EXPERT + "down_proj.weight",), tp_dim=1,
                expert_parallel=True),
+    # The shared expert (--moe-shared-expert-intermediate-size), tensor-parallel like a dense
+    # MLP, and its sigmoid gate (--moe-shared-expert-gate), replicated.
+    KeyMapping(_LAYER + "mlp.shared_experts.linear_fc1.weight",
+               (_HF_LAYER + "mlp.shared_expert.gate_proj.weight",
+                _HF_LAYER + "mlp.shared_expert.up_proj.weight"), GATE_UP, tp_dim=0),
+    KeyMapping(_LAYER + "mlp.shared_experts.linear_fc2.weight",
+               (_HF_LAYER + "mlp.shared_expert.down_proj.weight",), tp_dim=1),
+    KeyMapping(_LAYER + "mlp.shared_experts.gate_weight",
+               (_HF_LAYER + "mlp.shared_expert_gate.weight",)),
     KeyMapping("decoder.final_layernorm.weight", ("model.norm.weight",)),
     KeyMapping("output_layer.weight", ("lm_head.weight",), tp_dim=0),
 )
 
 OUTPUT_LAYER_KEY = "output_layer.weight"
+SHARED_EXPERT_MARK = ".mlp.shared_experts."
+SHARED_GATE_SUFFIX = "gate_weight"
 ROUTER_KEY = _LAYER + "mlp.router.weight"
 
 
@@ -178,11 +189,16 @@ def match_megatron_key(key: str, table: Sequence[KeyMapping] = QWEN2_MOE_TABLE
 
 
 def expand_rows(table: Sequence[KeyMapping], num_layers: int, num_experts: int,
-                tied_embeddings: bool) -> Iterator[tuple[KeyMapping, dict[str, int]]]:
+                tied_embeddings: bool, shared_expert: bool = False, shared_expert_gate: bool = False
+                ) -> Iterator[tuple[KeyMapping, dict[str, int]]]:
     """Every (row, wildcard values) a complete model of this shape has."""
     ranges = {"layer": range(num_layers), "expert": range(num_experts)}
     for row in table:
         if tied_embeddings and row.megatron == OUTPUT_LAYER_KEY:
+            continue
+        if SHARED_EXPERT_MARK in row.megatron and not (
+                shared_expert_gate if row.megatron.endswith(SHARED_GATE_SUFFIX)
+                else shared_expert):
             continue
         for values in itertools.product(*(ranges[name] for name in row.wildcards)):
             yield row, dict(zip(row.wildcards, values))

@@ -13,8 +13,11 @@ equals ours exactly for BOTH router settings:
 - attention: no q/k norms; the q/k/v biases are switched off by ``qkv_bias=False``; GQA via
   ``num_key_value_heads``; RoPE with the same rotate-half (non-interleaved) layout and inverse
   frequencies as megatron's ``RotaryEmbedding``; RMSNorm everywhere; SwiGLU experts.
-- the shared expert is disabled by ``shared_expert_intermediate_size=0`` (zero-size tensors: its
-  output is exactly 0 and adding it changes nothing).
+- the shared expert: a model without one (``--moe-shared-expert-intermediate-size``) exports
+  ``shared_expert_intermediate_size=0`` (zero-size tensors: its output is exactly 0 and adding it
+  changes nothing); one with it maps onto ``mlp.shared_expert`` and ``mlp.shared_expert_gate``,
+  which needs megatron's gate (``--moe-shared-expert-gate``: sigmoid(x . w) scales it, as
+  Qwen2-MoE's gate does).
 
 The others are not exact: Qwen3-MoE, OLMoE and FlexOlmo apply q/k RMSNorms (not the identity
 even with unit weights); Mixtral always renormalises the top-k (it matches only
@@ -78,6 +81,11 @@ def check_exportable(cfg: PathMoEConfig) -> None:
         raise ConversionError("--moe-router-load-balancing-type sinkhorn with --moe-router-topk "
                               "1 gates with a sigmoid; Qwen2-MoE routes with a softmax, so "
                               "this model has no exact Hugging Face export")
+    if cfg.moe_shared_expert_intermediate_size is not None and not cfg.moe_shared_expert_gate:
+        raise ConversionError("--moe-shared-expert-intermediate-size without "
+                              "--moe-shared-expert-gate: Qwen2-MoE always scales its shared "
+                              "expert by a sigmoid gate, so this model has no exact Hugging "
+                              "Face export")
     if cfg.moe_router_force_load_balancing:
         raise ConversionError("--moe-router-force-load-balancing: the model routed on random "
                               "logits (a benchmarking aid); its gates mean nothing to export")
@@ -124,7 +132,7 @@ def hf_config(cfg: PathMoEConfig, *, vocab_rows: int, eod_id: int, dtype: torch.
         "vocab_size": vocab_rows, "hidden_size": cfg.hidden_size,
         "intermediate_size": cfg.moe_ffn_hidden_size,  # dense MLP size; no layer is dense
         "moe_intermediate_size": cfg.moe_ffn_hidden_size,
-        "shared_expert_intermediate_size": 0,
+        "shared_expert_intermediate_size": cfg.moe_shared_expert_intermediate_size or 0,
         "num_hidden_layers": cfg.num_layers, "num_attention_heads": cfg.num_attention_heads,
         "num_key_value_heads": groups, "hidden_act": "silu",
         "max_position_embeddings": cfg.seq_length, "rms_norm_eps": cfg.norm_epsilon,
@@ -146,9 +154,11 @@ def hf_config(cfg: PathMoEConfig, *, vocab_rows: int, eod_id: int, dtype: torch.
 
 
 def hf_only_tensors(cfg: PathMoEConfig, dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """Qwen2-MoE tensors PathMoE does not have, set so they change nothing: the zero-size shared
-    expert and its gate (whose output multiplies the shared expert's zero output)."""
-    tensors = {}
+    """Qwen2-MoE tensors the model does not have, set so they change nothing: without a shared
+    expert, a zero-size one and its gate (whose output multiplies the zero output)."""
+    tensors: dict[str, torch.Tensor] = {}
+    if cfg.moe_shared_expert_intermediate_size is not None:
+        return tensors
     for layer in range(cfg.num_layers):
         prefix = f"model.layers.{layer}.mlp.shared_expert"
         tensors[f"{prefix}.gate_proj.weight"] = torch.zeros(0, cfg.hidden_size, dtype=dtype)
@@ -158,10 +168,11 @@ def hf_only_tensors(cfg: PathMoEConfig, dtype: torch.dtype) -> dict[str, torch.T
     return tensors
 
 
-def pop_hf_only_tensors(hf_state: dict[str, torch.Tensor], num_layers: int) -> None:
-    """Remove Qwen2-MoE tensors PathMoE has no counterpart for, after checking they contribute
-    exactly nothing (zero q/k/v biases, a shared expert with zero output)."""
-    for layer in range(num_layers):
+def pop_hf_only_tensors(hf_state: dict[str, torch.Tensor], cfg: PathMoEConfig) -> None:
+    """Remove Qwen2-MoE tensors the PathMoE model has no counterpart for, after checking they
+    contribute exactly nothing (zero q/k/v biases; without a shared expert in ``cfg``, a
+    shared expert with zero output)."""
+    for layer in range(cfg.num_layers):
         prefix = f"model.layers.{layer}."
         for name in ("q", "k", "v"):
             bias = hf_state.pop(f"{prefix}self_attn.{name}_proj.bias", None)
@@ -169,6 +180,8 @@ def pop_hf_only_tensors(hf_state: dict[str, torch.Tensor], num_layers: int) -> N
                 raise ConversionError(f"{prefix}self_attn.{name}_proj.bias is not zero; PathMoE "
                                       "attention has no biases, so this model cannot be "
                                       "imported exactly")
+        if cfg.moe_shared_expert_intermediate_size is not None:
+            continue  # mapped (mapping.QWEN2_MOE_TABLE)
         shared = [hf_state.pop(f"{prefix}mlp.shared_expert.{p}_proj.weight", None)
                   for p in ("gate", "up", "down")]
         hf_state.pop(f"{prefix}mlp.shared_expert_gate.weight", None)
@@ -223,6 +236,9 @@ def _config_from_fields(hf_cfg: Mapping[str, Any], source: str) -> PathMoEConfig
         untie_embeddings_and_output_weights=not hf_cfg.get("tie_word_embeddings", False),
         num_experts=hf_cfg["num_experts"], moe_router_topk=hf_cfg["num_experts_per_tok"],
         moe_router_pre_softmax=not hf_cfg.get("norm_topk_prob", False),
+        # Qwen2-MoE gates its shared expert whenever it has one.
+        moe_shared_expert_intermediate_size=hf_cfg.get("shared_expert_intermediate_size") or None,
+        moe_shared_expert_gate=bool(hf_cfg.get("shared_expert_intermediate_size")),
         routing="independent",
         bf16=hf_cfg.get("dtype", hf_cfg.get("torch_dtype")) == "bfloat16")
 
@@ -243,7 +259,8 @@ def _check_metadata_matches(cfg: PathMoEConfig, hf_cfg: Mapping[str, Any], sourc
     fields = _config_from_fields(hf_cfg, source)
     names = ("num_layers", "hidden_size", "num_attention_heads", "moe_ffn_hidden_size",
              "rotary_base", "norm_epsilon", "untie_embeddings_and_output_weights",
-             "num_experts", "moe_router_topk", "renormalises_topk")
+             "num_experts", "moe_router_topk", "renormalises_topk",
+             "moe_shared_expert_intermediate_size", "moe_shared_expert_gate")
     differing = [f"{n}: {getattr(cfg, n)!r} vs {getattr(fields, n)!r}" for n in names
                  if getattr(cfg, n) != getattr(fields, n)]
     if (cfg.num_query_groups or cfg.num_attention_heads) != fields.num_query_groups:

@@ -3,7 +3,8 @@
 Counts follow the modules ``build_gpt_model`` creates (the unit tests compare them with built
 models): word embeddings and the output layer over the padded vocabulary, per layer two RMSNorm
 weights, fused QKV and output projections (GQA, no biases), the router parameters of the routing
-variant (one copy per tie) and E SwiGLU experts, plus the final norm. Only the routers come from
+variant (one copy per tie), E SwiGLU experts and the optional shared expert (and its gate), plus
+the final norm. Only the routers come from
 the routing variant itself: they are built on the meta device, so any variant counts right.
 
 The memory estimate is megatron's usual accounting: weights in the training dtype, fp32 gradient
@@ -42,6 +43,12 @@ def attention_parameters(cfg: PathMoEConfig) -> int:
 def expert_parameters(cfg: PathMoEConfig) -> int:
     """One SwiGLU expert: fc1 (gate and up) and fc2."""
     return 3 * cfg.hidden_size * cfg.moe_ffn_hidden_size
+
+
+def shared_expert_parameters(cfg: PathMoEConfig) -> tuple[int, int]:
+    """One layer's shared expert: (SwiGLU weights, split over TP; its gate, replicated)."""
+    size = cfg.moe_shared_expert_intermediate_size or 0
+    return 3 * cfg.hidden_size * size, cfg.hidden_size if cfg.moe_shared_expert_gate else 0
 
 
 def _vocab(cfg: PathMoEConfig) -> int:
@@ -92,7 +99,8 @@ def count_model_parameters(cfg: PathMoEConfig,
     norms = (2 * cfg.num_layers + 1) * cfg.hidden_size
     router = sum(r.numel for r in routers)
     expert = cfg.num_layers * cfg.num_experts * expert_parameters(cfg)
-    dense = embeddings + norms + cfg.num_layers * attention_parameters(cfg) + router
+    per_layer = attention_parameters(cfg) + sum(shared_expert_parameters(cfg))
+    dense = embeddings + norms + cfg.num_layers * per_layer + router
     active = dense + cfg.num_layers * cfg.moe_router_topk * expert_parameters(cfg)
     return ParameterCounts(total=dense + expert, active=active, router=router, expert=expert)
 
@@ -129,7 +137,8 @@ def rank_parameters(cfg: PathMoEConfig, pp_rank: int,
     chunks = chunk_layers(cfg, pp_rank)
     layers = sum(len(c) for c in chunks)
     vocab_rows = _vocab(cfg) // tp * cfg.hidden_size
-    dense = layers * (attention_parameters(cfg) // tp + 2 * cfg.hidden_size)
+    shared, gate = shared_expert_parameters(cfg)
+    dense = layers * ((attention_parameters(cfg) + shared) // tp + gate + 2 * cfg.hidden_size)
     dense += sum(r.numel for c in chunks for r in routers if set(r.layers) & set(c))
     if pp_rank == 0:
         dense += vocab_rows
@@ -171,7 +180,10 @@ def activation_bytes_per_layer(cfg: PathMoEConfig, micro_batch_size: int,
     s, b, h = cfg.seq_length, micro_batch_size, cfg.hidden_size
     tp = cfg.tensor_model_parallel_size
     k, f, e = cfg.moe_router_topk, cfg.moe_ffn_hidden_size, cfg.num_experts
+    shared = cfg.moe_shared_expert_intermediate_size or 0
     per_token = 4 * h + 11 * h + 8 * e + k * (2 * h + 4 * f + 2 * f + 2 * h)
+    if shared:  # the shared expert's input, fc1 output, SwiGLU output and fc2 output
+        per_token += 2 * h + 6 * shared + 2 * h
     attention_scores = 0 if flash_attention else 5 * cfg.num_attention_heads * s
     return s * b * (per_token + attention_scores) / tp
 

@@ -261,6 +261,12 @@ def _moe_and_routing_flags(parser: argparse.ArgumentParser, m: PathMoEConfig) ->
                    default=m.moe_router_score_function)
     g.add_argument("--moe-router-topk-scaling-factor", type=float, default=None,
                    help="multiply the selected experts' gate weights by this (default 1)")
+    g.add_argument("--moe-shared-expert-intermediate-size", type=int, default=None,
+                   help="add a shared expert of this FFN width that every token passes "
+                        "through (DeepSeek/Qwen-MoE; tensor-parallel like attention)")
+    g.add_argument("--moe-shared-expert-gate", action="store_true",
+                   help="scale the shared expert's output by a learned sigmoid gate per token "
+                        "(Qwen2-MoE's shared_expert_gate; needed for a Hugging Face export)")
     g.add_argument("--moe-router-force-load-balancing", action="store_true",
                    help="benchmarking aid: every router routes on random logits (a balanced "
                         "load; the model learns no routing and cannot be exported)")

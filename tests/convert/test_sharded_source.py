@@ -1,5 +1,5 @@
 """A checkpoint saved by `pathmoe-pretrain --save` under torchrun with TP2 x PP2 x EP2 (path
-routing, one block spanning both pipeline stages) exports the same Hugging Face weights two
+routing, one block spanning both pipeline stages, a gated shared expert split over TP) exports the same Hugging Face weights two
 independent ways: resharded to one process by megatron's dist_checkpointing, and converted in
 its own layout under torchrun (the mapping table's TP merge, global expert and layer indices)."""
 
@@ -21,7 +21,8 @@ MODEL = ["--device", "cpu", "--num-layers", "4", "--hidden-size", "64", "--num-a
          "4", "--num-query-groups", "2", "--moe-ffn-hidden-size", "32", "--seq-length", "32",
          "--num-experts", "4", "--moe-router-topk", "2", "--routing", "path",
          "--path-block-size", "4", "--micro-batch-size", "2", "--global-batch-size", "4",
-         "--lr-warmup-iters", "0", "--eval-iters", "1", "--train-iters", "1"]
+         "--lr-warmup-iters", "0", "--eval-iters", "1", "--train-iters", "1",
+         "--moe-shared-expert-intermediate-size", "32", "--moe-shared-expert-gate"]
 
 
 def _ok(result) -> None:
@@ -51,6 +52,8 @@ def test_sharded_checkpoint_exports_identical_weights_both_ways(megatron_world1,
     assert [k for k in world1 if not torch.equal(world1[k], native[k])] == []
     assert json.load(open(root / "hf_world1" / "config.json")) == \
         json.load(open(root / "hf_native" / "config.json"))
+    assert world1["model.layers.3.mlp.shared_expert.gate_proj.weight"].shape == (32, 64)
+    assert world1["model.layers.3.mlp.shared_expert_gate.weight"].shape == (1, 64)
     gates = [world1[f"model.layers.{i}.mlp.gate.weight"] for i in range(4)]
     assert all(torch.equal(g, gates[0]) for g in gates)  # one block of 4 layers
     model, run = load_model_for_inference(str(root / "ckpt"))

@@ -71,6 +71,31 @@ def test_sinkhorn_model_round_trips_and_top1_is_refused(megatron_world1, tmp_pat
         export_model(build_model(top1), top1, str(tmp_path / "top1"))
 
 
+def test_shared_expert_round_trips_and_needs_its_gate(megatron_world1, tmp_path):
+    """A gated shared expert exports to Qwen2-MoE's shared expert, imports back from the
+    standard fields alone (no PathMoE metadata) with the same logits; without the gate (no
+    Qwen2-MoE equivalent) the export is refused."""
+    cfg = tiny_config(routing="independent", moe_shared_expert_intermediate_size=48,
+                      moe_shared_expert_gate=True)
+    model = build_model(cfg, seed=7)
+    hf_dir = export_model(model, cfg, str(tmp_path / "hf"))
+    with open(os.path.join(hf_dir, "config.json")) as f:
+        hf_cfg = json.load(f)
+    assert hf_cfg["shared_expert_intermediate_size"] == 48
+    del hf_cfg["pathmoe"]  # as a Qwen2-MoE from elsewhere would be
+    with open(os.path.join(hf_dir, "config.json"), "w") as f:
+        json.dump(hf_cfg, f)
+    import_from_hf(hf_dir, str(tmp_path / "mg"))
+    imported, run = load_model_for_inference(str(tmp_path / "mg"))
+    assert (run.model.moe_shared_expert_intermediate_size, run.model.moe_shared_expert_gate) == \
+        (48, True)
+    tokens = random_tokens(cfg)
+    assert (megatron_logits(imported, tokens) - megatron_logits(model, tokens)).abs().max() < 1e-4
+    ungated = tiny_config(moe_shared_expert_intermediate_size=48)
+    with pytest.raises(ConversionError, match="--moe-shared-expert-gate"):
+        export_model(build_model(ungated), ungated, str(tmp_path / "ungated"))
+
+
 def test_edited_block_copy_is_refused(exported_tiny, tmp_path):
     from safetensors.torch import load_file, save_file
 

@@ -79,6 +79,16 @@ def test_full_and_moe_recompute_equal_none_per_variant(megatron_world1, name):
         _assert_same(reference, _loss_and_grads(**variant, **RECOMPUTE[mode]))
 
 
+def test_shared_expert_recompute_equals_none(megatron_world1):
+    """--recompute-modules shared_experts (megatron's checkpoint of the shared expert)."""
+    shared = dict(VARIANTS["path"], moe_shared_expert_intermediate_size=32,
+                  moe_shared_expert_gate=True)
+    reference = _loss_and_grads(**shared)
+    assert any(".shared_experts." in n and g.abs().sum() > 0 for n, g in reference[1].items())
+    _assert_same(reference, _loss_and_grads(**shared, recompute_granularity="selective",
+                                            recompute_modules=["shared_experts"]))
+
+
 def test_recompute_reaches_megatron(megatron_world1):
     """The flags land in megatron's TransformerConfig and its modules checkpoint."""
     cfg = PathMoEConfig(**{**TINY, "num_layers": 4}, routing="path", path_block_size=2,
@@ -100,6 +110,8 @@ def test_recompute_reaches_megatron(megatron_world1):
     (dict(recompute_granularity="selective", recompute_modules=["moe_act"]),
      "moe_act needs --moe-grouped-gemm"),
     (dict(recompute_granularity="selective", recompute_modules=["mlp"]), "mlp"),
+    (dict(recompute_granularity="selective", recompute_modules=["shared_experts"]),
+     "there is no shared expert"),
     pytest.param(dict(recompute_granularity="selective", recompute_modules=["layernorm"]),
                  "layernorm needs transformer-engine", marks=pytest.mark.skipif(
                      _TE, reason="transformer-engine imports: layernorm recompute allowed")),

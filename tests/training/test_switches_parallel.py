@@ -1,6 +1,7 @@
 """Expert capacity under expert parallelism (the alltoall dispatcher's drop and drop-and-pad
-modes across ranks), group-limited routing with gate scaling under expert parallelism, and
-activation recomputation under pipeline parallelism train exactly like one process. Reuses ``parallel_driver`` (see ``test_routing_parallel``):
+modes across ranks), group-limited routing with gate scaling under expert parallelism, a
+gated shared expert under tensor and expert parallelism, and activation recomputation under
+pipeline parallelism train exactly like one process. Reuses ``parallel_driver`` (see ``test_routing_parallel``):
 one world-1 launch, one world-2 launch, the same global batches."""
 
 from __future__ import annotations
@@ -25,15 +26,22 @@ VARIANTS = {
     # Device-limited routing: 2 groups = the EP2 ranks' experts, each token on one rank.
     "path-groups-scaled": {**PATH, "moe_router_num_groups": 2, "moe_router_group_topk": 1,
                            "moe_router_topk_scaling_factor": 1.5},
+    # A gated shared expert (tensor-parallel like attention) next to the routed experts.
+    "path-shared-expert": {**PATH, "moe_shared_expert_intermediate_size": 48,
+                           "moe_shared_expert_gate": True},
     "path-recompute-full": {**PATH, **FULL},
     "path-recompute-moe": {**PATH, "recompute_granularity": "selective",
                            "recompute_modules": ["core_attn", "moe"]},
 }
 EP2 = {"expert_model_parallel_size": 2, "moe_token_dispatcher_type": "alltoall"}
 PP2 = {"pipeline_model_parallel_size": 2}
+TP2 = {"tensor_model_parallel_size": 2, "sequence_parallel": True,
+       "moe_token_dispatcher_type": "allgather"}
 # (case, variant, layout, the world-1 variant it must equal): recompute against no recompute.
 CASES = [("ep2/" + v, v, EP2, v) for v in VARIANTS if "capacity" in v] + [
     ("ep2/path-groups-scaled", "path-groups-scaled", EP2, "path-groups-scaled"),
+    ("ep2/path-shared-expert", "path-shared-expert", EP2, "path-shared-expert"),
+    ("tp2/path-shared-expert", "path-shared-expert", TP2, "path-shared-expert"),
     ("pp2/path-recompute-full", "path-recompute-full", PP2, "path"),
     ("pp2/path-recompute-moe", "path-recompute-moe", PP2, "path"),
     ("dp2-distopt/path-recompute-full", "path-recompute-full", {"distopt": True}, "path"),
@@ -68,3 +76,4 @@ def test_world1_recompute_and_capacity(runs):
                                                            rel=GRAD_NORM_RTOL)
     assert ref["path-capacity"]["losses"] != ref["path"]["losses"]
     assert ref["path-groups-scaled"]["losses"] != ref["path"]["losses"]
+    assert ref["path-shared-expert"]["losses"] != ref["path"]["losses"]
