@@ -66,6 +66,7 @@ class PathMoEConfig:
     norm_epsilon: float = 1e-5
     init_method_std: float = 0.02
     untie_embeddings_and_output_weights: bool = True
+    add_qkv_bias: bool = False  # biases on the query/key/value projections (Qwen-style)
     attention_dropout: float = 0.0
     hidden_dropout: float = 0.0
     bf16: bool = False
@@ -507,6 +508,7 @@ class PathMoEConfig:
             gated_linear_unit=True,
             activation_func=torch.nn.functional.silu,
             add_bias_linear=False,
+            add_qkv_bias=self.add_qkv_bias,
             bias_activation_fusion=False,
             masked_softmax_fusion=False,
             apply_rope_fusion=False,

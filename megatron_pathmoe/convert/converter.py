@@ -26,10 +26,12 @@ EXTRA_STATE_SUFFIX = "._extra_state"
 
 
 def _expected_rows(cfg: PathMoEConfig):
+    features = {"qkv_bias": cfg.add_qkv_bias,
+                "shared_expert": cfg.moe_shared_expert_intermediate_size is not None,
+                "shared_expert_gate": cfg.moe_shared_expert_gate}
     return expand_rows(QWEN2_MOE_TABLE, cfg.num_layers, cfg.num_experts,
                        tied_embeddings=not cfg.untie_embeddings_and_output_weights,
-                       shared_expert=cfg.moe_shared_expert_intermediate_size is not None,
-                       shared_expert_gate=cfg.moe_shared_expert_gate)
+                       features=frozenset(name for name, on in features.items() if on))
 
 
 def _missing(keys: list[str], what: str, hint: str) -> ConversionError:

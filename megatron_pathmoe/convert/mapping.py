@@ -66,6 +66,16 @@ def _merge_qkv(parts: Sequence[torch.Tensor], dims: AttentionDims) -> torch.Tens
                       v.reshape(groups, 1, dims.head_dim, hidden)], dim=1).reshape(-1, hidden)
 
 
+def _split_qkv_bias(fused: torch.Tensor, dims: AttentionDims) -> tuple[torch.Tensor, ...]:
+    """The 1-D QKV bias in the weight's row layout (per query group: its q heads, k, v)."""
+    q, k, v = _split_qkv(fused.unsqueeze(-1), dims)
+    return q.squeeze(-1), k.squeeze(-1), v.squeeze(-1)
+
+
+def _merge_qkv_bias(parts: Sequence[torch.Tensor], dims: AttentionDims) -> torch.Tensor:
+    return _merge_qkv([p.unsqueeze(-1) for p in parts], dims).squeeze(-1)
+
+
 def _split_gate_up(fused: torch.Tensor, dims: AttentionDims) -> tuple[torch.Tensor, ...]:
     if fused.shape[0] % 2:
         raise ConversionError(f"linear_fc1 has an odd number of rows ({fused.shape[0]}); a "
@@ -92,6 +102,7 @@ class Fusion:
 
 IDENTITY = Fusion("identity", lambda t, dims: (t,), lambda parts, dims: parts[0])
 QKV = Fusion("qkv", _split_qkv, _merge_qkv)
+QKV_BIAS = Fusion("qkv_bias", _split_qkv_bias, _merge_qkv_bias)
 GATE_UP = Fusion("gate_up", _split_gate_up, _merge_gate_up)
 
 
@@ -108,7 +119,8 @@ class KeyMapping:
 
     ``tp_dim``: the dimension megatron splits over tensor-parallel ranks (0: column-parallel and
     vocab-parallel, 1: row-parallel, None: replicated). ``expert_parallel``: the tensor lives in
-    expert parallelism (its TP shards follow the expert-tensor-parallel group).
+    expert parallelism (its TP shards follow the expert-tensor-parallel group). ``requires``:
+    the model feature (see :func:`expand_rows`) without which the tensor does not exist.
     """
 
     megatron: str
@@ -116,10 +128,12 @@ class KeyMapping:
     fusion: Fusion = IDENTITY
     tp_dim: int | None = None
     expert_parallel: bool = False
+    requires: str | None = None
     megatron_regex: re.Pattern = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        if len(self.hf) != (3 if self.fusion is QKV else 2 if self.fusion is GATE_UP else 1):
+        if len(self.hf) != (3 if self.fusion in (QKV, QKV_BIAS) else 2 if self.fusion is GATE_UP
+                            else 1):
             raise ValueError(f"{self.megatron}: fusion {self.fusion.name} does not fit "
                              f"{len(self.hf)} Hugging Face keys")
         object.__setattr__(self, "megatron_regex", _pattern_regex(self.megatron))
@@ -147,6 +161,9 @@ QWEN2_MOE_TABLE: tuple[KeyMapping, ...] = (
     KeyMapping(_LAYER + "input_layernorm.weight", (_HF_LAYER + "input_layernorm.weight",)),
     KeyMapping(_LAYER + "self_attention.linear_qkv.weight",
                tuple(_HF_LAYER + f"self_attn.{p}_proj.weight" for p in "qkv"), QKV, tp_dim=0),
+    KeyMapping(_LAYER + "self_attention.linear_qkv.bias",
+               tuple(_HF_LAYER + f"self_attn.{p}_proj.bias" for p in "qkv"), QKV_BIAS, tp_dim=0,
+               requires="qkv_bias"),
     KeyMapping(_LAYER + "self_attention.linear_proj.weight",
                (_HF_LAYER + "self_attn.o_proj.weight",), tp_dim=1),
     KeyMapping(_LAYER + "pre_mlp_layernorm.weight",
@@ -161,18 +178,18 @@ QWEN2_MOE_TABLE: tuple[KeyMapping, ...] = (
     # MLP, and its sigmoid gate (--moe-shared-expert-gate), replicated.
     KeyMapping(_LAYER + "mlp.shared_experts.linear_fc1.weight",
                (_HF_LAYER + "mlp.shared_expert.gate_proj.weight",
-                _HF_LAYER + "mlp.shared_expert.up_proj.weight"), GATE_UP, tp_dim=0),
+                _HF_LAYER + "mlp.shared_expert.up_proj.weight"), GATE_UP, tp_dim=0,
+               requires="shared_expert"),
     KeyMapping(_LAYER + "mlp.shared_experts.linear_fc2.weight",
-               (_HF_LAYER + "mlp.shared_expert.down_proj.weight",), tp_dim=1),
+               (_HF_LAYER + "mlp.shared_expert.down_proj.weight",), tp_dim=1,
+               requires="shared_expert"),
     KeyMapping(_LAYER + "mlp.shared_experts.gate_weight",
-               (_HF_LAYER + "mlp.shared_expert_gate.weight",)),
+               (_HF_LAYER + "mlp.shared_expert_gate.weight",), requires="shared_expert_gate"),
     KeyMapping("decoder.final_layernorm.weight", ("model.norm.weight",)),
     KeyMapping("output_layer.weight", ("lm_head.weight",), tp_dim=0),
 )
 
 OUTPUT_LAYER_KEY = "output_layer.weight"
-SHARED_EXPERT_MARK = ".mlp.shared_experts."
-SHARED_GATE_SUFFIX = "gate_weight"
 ROUTER_KEY = _LAYER + "mlp.router.weight"
 
 
@@ -189,16 +206,15 @@ def match_megatron_key(key: str, table: Sequence[KeyMapping] = QWEN2_MOE_TABLE
 
 
 def expand_rows(table: Sequence[KeyMapping], num_layers: int, num_experts: int,
-                tied_embeddings: bool, shared_expert: bool = False, shared_expert_gate: bool = False
+                tied_embeddings: bool, features: frozenset[str] = frozenset()
                 ) -> Iterator[tuple[KeyMapping, dict[str, int]]]:
-    """Every (row, wildcard values) a complete model of this shape has."""
+    """Every (row, wildcard values) a complete model of this shape has; ``features`` names
+    the optional tensors it has (``qkv_bias``, ``shared_expert``, ``shared_expert_gate``)."""
     ranges = {"layer": range(num_layers), "expert": range(num_experts)}
     for row in table:
         if tied_embeddings and row.megatron == OUTPUT_LAYER_KEY:
             continue
-        if SHARED_EXPERT_MARK in row.megatron and not (
-                shared_expert_gate if row.megatron.endswith(SHARED_GATE_SUFFIX)
-                else shared_expert):
+        if row.requires is not None and row.requires not in features:
             continue
         for values in itertools.product(*(ranges[name] for name in row.wildcards)):
             yield row, dict(zip(row.wildcards, values))

@@ -10,7 +10,7 @@ equals ours exactly for BOTH router settings:
   ``pre_softmax=False`` (softmax over the top-k logits = renormalised top-k probabilities).
   A model trained with ``sinkhorn`` routing (top-k > 1) infers as ``pre_softmax=True``: the
   Sinkhorn balancing only chooses the experts during training.
-- attention: no q/k norms; the q/k/v biases are switched off by ``qkv_bias=False``; GQA via
+- attention: no q/k norms; ``qkv_bias`` follows ``--add-qkv-bias`` (Qwen's biased q/k/v); GQA via
   ``num_key_value_heads``; RoPE with the same rotate-half (non-interleaved) layout and inverse
   frequencies as megatron's ``RotaryEmbedding``; RMSNorm everywhere; SwiGLU experts.
 - the shared expert: a model without one (``--moe-shared-expert-intermediate-size``) exports
@@ -144,7 +144,7 @@ def hf_config(cfg: PathMoEConfig, *, vocab_rows: int, eod_id: int, dtype: torch.
         "num_experts": cfg.num_experts, "num_experts_per_tok": cfg.moe_router_topk,
         "norm_topk_prob": cfg.renormalises_topk,
         "output_router_logits": False, "router_aux_loss_coef": cfg.moe_aux_loss_coeff,
-        "qkv_bias": False, "initializer_range": cfg.init_method_std, "use_cache": True,
+        "qkv_bias": cfg.add_qkv_bias, "initializer_range": cfg.init_method_std, "use_cache": True,
         "bos_token_id": eod_id if bos_id is None else bos_id, "eos_token_id": eod_id,
         "pad_token_id": eod_id,
         "dtype": str(dtype).removeprefix("torch."),
@@ -174,12 +174,12 @@ def pop_hf_only_tensors(hf_state: dict[str, torch.Tensor], cfg: PathMoEConfig) -
     shared expert with zero output)."""
     for layer in range(cfg.num_layers):
         prefix = f"model.layers.{layer}."
-        for name in ("q", "k", "v"):
+        for name in () if cfg.add_qkv_bias else ("q", "k", "v"):  # else mapped
             bias = hf_state.pop(f"{prefix}self_attn.{name}_proj.bias", None)
             if bias is not None and bias.count_nonzero():
-                raise ConversionError(f"{prefix}self_attn.{name}_proj.bias is not zero; PathMoE "
-                                      "attention has no biases, so this model cannot be "
-                                      "imported exactly")
+                raise ConversionError(f"{prefix}self_attn.{name}_proj.bias is not zero but "
+                                      "config.json says qkv_bias false; set it true to import "
+                                      "the biases (--add-qkv-bias)")
         if cfg.moe_shared_expert_intermediate_size is not None:
             continue  # mapped (mapping.QWEN2_MOE_TABLE)
         shared = [hf_state.pop(f"{prefix}mlp.shared_expert.{p}_proj.weight", None)
@@ -236,6 +236,8 @@ def _config_from_fields(hf_cfg: Mapping[str, Any], source: str) -> PathMoEConfig
         untie_embeddings_and_output_weights=not hf_cfg.get("tie_word_embeddings", False),
         num_experts=hf_cfg["num_experts"], moe_router_topk=hf_cfg["num_experts_per_tok"],
         moe_router_pre_softmax=not hf_cfg.get("norm_topk_prob", False),
+        # transformers' Qwen2-MoE default (older configs lack the field): biased q/k/v.
+        add_qkv_bias=bool(hf_cfg.get("qkv_bias", True)),
         # Qwen2-MoE gates its shared expert whenever it has one.
         moe_shared_expert_intermediate_size=hf_cfg.get("shared_expert_intermediate_size") or None,
         moe_shared_expert_gate=bool(hf_cfg.get("shared_expert_intermediate_size")),
@@ -260,7 +262,7 @@ def _check_metadata_matches(cfg: PathMoEConfig, hf_cfg: Mapping[str, Any], sourc
     names = ("num_layers", "hidden_size", "num_attention_heads", "moe_ffn_hidden_size",
              "rotary_base", "norm_epsilon", "untie_embeddings_and_output_weights",
              "num_experts", "moe_router_topk", "renormalises_topk",
-             "moe_shared_expert_intermediate_size", "moe_shared_expert_gate")
+             "moe_shared_expert_intermediate_size", "moe_shared_expert_gate", "add_qkv_bias")
     differing = [f"{n}: {getattr(cfg, n)!r} vs {getattr(fields, n)!r}" for n in names
                  if getattr(cfg, n) != getattr(fields, n)]
     if (cfg.num_query_groups or cfg.num_attention_heads) != fields.num_query_groups:

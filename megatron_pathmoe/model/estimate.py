@@ -2,10 +2,10 @@
 
 Counts follow the modules ``build_gpt_model`` creates (the unit tests compare them with built
 models): word embeddings and the output layer over the padded vocabulary, per layer two RMSNorm
-weights, fused QKV and output projections (GQA, no biases), the router parameters of the routing
-variant (one copy per tie), E SwiGLU experts and the optional shared expert (and its gate), plus
-the final norm. Only the routers come from
-the routing variant itself: they are built on the meta device, so any variant counts right.
+weights, fused QKV and output projections (GQA; a QKV bias with ``--add-qkv-bias``), the router
+parameters of the routing variant (one copy per tie), E SwiGLU experts and the optional shared
+expert (and its gate), plus the final norm. Only the routers come from the routing variant
+itself: they are built on the meta device, so any variant counts right.
 
 The memory estimate is megatron's usual accounting: weights in the training dtype, fp32 gradient
 buffers (``grad_reduce_in_fp32``), Adam with fp32 main weights and moments (sharded over the
@@ -33,10 +33,11 @@ def _kv_channels(cfg: PathMoEConfig) -> int:
 
 
 def attention_parameters(cfg: PathMoEConfig) -> int:
-    """Fused QKV (GQA) and output projection of one layer, no biases."""
+    """Fused QKV (GQA, with ``--add-qkv-bias`` its bias) and output projection of one layer."""
     d = _kv_channels(cfg)
     groups = cfg.num_query_groups or cfg.num_attention_heads
-    qkv = cfg.hidden_size * d * (cfg.num_attention_heads + 2 * groups)
+    qkv_rows = d * (cfg.num_attention_heads + 2 * groups)
+    qkv = qkv_rows * (cfg.hidden_size + (1 if cfg.add_qkv_bias else 0))
     return qkv + cfg.num_attention_heads * d * cfg.hidden_size
 
 

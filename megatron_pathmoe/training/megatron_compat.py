@@ -41,7 +41,7 @@ _FSDP = "FSDP is not wired; use --use-distributed-optimizer (sharded Adam states
 _PRECISION_OPT = "Adam keeps fp32 main weights and moments; precision-aware/offloaded optimizers " \
                  "are not wired"
 _CUDA_GRAPH = "CUDA graphs are not wired"
-_LAYER = "the decoder layer is fixed (paper, Appendix B: pre-RMSNorm, SwiGLU, RoPE, no biases)"
+_LAYER = "the decoder layer is fixed (paper, Appendix B: pre-RMSNorm, SwiGLU, RoPE, no biases but --add-qkv-bias)"
 
 UNSUPPORTED: dict[str, Unsupported] = {
     "--fp16": Unsupported("fp16 with loss scaling is not implemented; use --bf16 or fp32 (the "
@@ -61,7 +61,7 @@ UNSUPPORTED: dict[str, Unsupported] = {
                                             "--qk-pos-emb-head-dim", "--v-head-dim")},
     **{flag: Unsupported(_LAYER) for flag in (
         "--qk-layernorm", "--apply-layernorm-1p", "--apply-residual-connection-post-layernorm",
-        "--apply-query-key-layer-scaling", "--openai-gelu", "--squared-relu", "--add-qkv-bias",
+        "--apply-query-key-layer-scaling", "--openai-gelu", "--squared-relu",
         "--rotary-interleaved", "--use-rope-scaling", "--rotary-seq-len-interpolation-factor",
         "--no-rope-freq", "--window-size")},
     "--mtp-num-layers": Unsupported("multi-token prediction is not built"),
@@ -203,6 +203,9 @@ def add_shape_args(group: argparse._ArgumentGroup) -> None:
                        help="fraction of each head's channels RoPE rotates")
     group.add_argument("--make-vocab-size-divisible-by", type=int, default=128,
                        help="pad the embedding rows to a multiple of this x TP")
+    group.add_argument("--add-qkv-bias", action="store_true",
+                       help="biases on the query/key/value projections only (Qwen's attention; "
+                            "every other linear layer stays bias-free)")
 
 
 def resolve_architecture(ns: argparse.Namespace, default_moe_ffn: int) -> None:

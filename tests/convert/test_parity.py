@@ -36,10 +36,10 @@ CASES = {
                                               untie_embeddings_and_output_weights=False),
     # Sinkhorn balancing only picks the experts while training: inference is the masked
     # softmax over all experts (norm_topk_prob false), whatever --moe-router-pre-softmax says.
-    # A gated shared expert: Qwen2-MoE's mlp.shared_expert and mlp.shared_expert_gate.
-    "path-shared-expert": dict(routing="path", path_block_size=2,
-                               moe_shared_expert_intermediate_size=48,
-                               moe_shared_expert_gate=True),
+    # Qwen-style: q/k/v biases and a gated shared expert (mlp.shared_expert, _gate).
+    "path-qkv-bias-shared-expert": dict(routing="path", path_block_size=2, add_qkv_bias=True,
+                                        moe_shared_expert_intermediate_size=48,
+                                        moe_shared_expert_gate=True),
     "path-sinkhorn": dict(routing="path", path_block_size=2, moe_router_pre_softmax=False,
                           moe_router_load_balancing_type="sinkhorn"),
 }

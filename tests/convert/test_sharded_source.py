@@ -1,7 +1,8 @@
 """A checkpoint saved by `pathmoe-pretrain --save` under torchrun with TP2 x PP2 x EP2 (path
-routing, one block spanning both pipeline stages, a gated shared expert split over TP) exports the same Hugging Face weights two
-independent ways: resharded to one process by megatron's dist_checkpointing, and converted in
-its own layout under torchrun (the mapping table's TP merge, global expert and layer indices)."""
+routing, one block spanning both pipeline stages, q/k/v biases and a gated shared expert split
+over TP) exports the same Hugging Face weights two independent ways: resharded to one process
+by megatron's dist_checkpointing, and converted in its own layout under torchrun (the mapping
+table's TP merge, global expert and layer indices)."""
 
 from __future__ import annotations
 
@@ -22,7 +23,8 @@ MODEL = ["--device", "cpu", "--num-layers", "4", "--hidden-size", "64", "--num-a
          "--num-experts", "4", "--moe-router-topk", "2", "--routing", "path",
          "--path-block-size", "4", "--micro-batch-size", "2", "--global-batch-size", "4",
          "--lr-warmup-iters", "0", "--eval-iters", "1", "--train-iters", "1",
-         "--moe-shared-expert-intermediate-size", "32", "--moe-shared-expert-gate"]
+         "--moe-shared-expert-intermediate-size", "32", "--moe-shared-expert-gate",
+         "--add-qkv-bias"]
 
 
 def _ok(result) -> None:
@@ -54,6 +56,7 @@ def test_sharded_checkpoint_exports_identical_weights_both_ways(megatron_world1,
         json.load(open(root / "hf_native" / "config.json"))
     assert world1["model.layers.3.mlp.shared_expert.gate_proj.weight"].shape == (32, 64)
     assert world1["model.layers.3.mlp.shared_expert_gate.weight"].shape == (1, 64)
+    assert world1["model.layers.3.self_attn.k_proj.bias"].shape == (32,)  # 2 groups x 16
     gates = [world1[f"model.layers.{i}.mlp.gate.weight"] for i in range(4)]
     assert all(torch.equal(g, gates[0]) for g in gates)  # one block of 4 layers
     model, run = load_model_for_inference(str(root / "ckpt"))

@@ -71,24 +71,25 @@ def test_sinkhorn_model_round_trips_and_top1_is_refused(megatron_world1, tmp_pat
         export_model(build_model(top1), top1, str(tmp_path / "top1"))
 
 
-def test_shared_expert_round_trips_and_needs_its_gate(megatron_world1, tmp_path):
-    """A gated shared expert exports to Qwen2-MoE's shared expert, imports back from the
-    standard fields alone (no PathMoE metadata) with the same logits; without the gate (no
-    Qwen2-MoE equivalent) the export is refused."""
+def test_qwen_style_model_round_trips_and_the_shared_expert_needs_its_gate(megatron_world1, tmp_path):
+    """A Qwen-style model (gated shared expert, q/k/v biases) exports to Qwen2-MoE, imports
+    back from the standard fields alone (no PathMoE metadata, no qkv_bias field: transformers'
+    default, biased) with the same logits; without the gate (no Qwen2-MoE equivalent) the
+    export is refused."""
     cfg = tiny_config(routing="independent", moe_shared_expert_intermediate_size=48,
-                      moe_shared_expert_gate=True)
+                      moe_shared_expert_gate=True, add_qkv_bias=True)
     model = build_model(cfg, seed=7)
     hf_dir = export_model(model, cfg, str(tmp_path / "hf"))
     with open(os.path.join(hf_dir, "config.json")) as f:
         hf_cfg = json.load(f)
     assert hf_cfg["shared_expert_intermediate_size"] == 48
-    del hf_cfg["pathmoe"]  # as a Qwen2-MoE from elsewhere would be
+    del hf_cfg["pathmoe"], hf_cfg["qkv_bias"]  # as an older Qwen2-MoE config would be
     with open(os.path.join(hf_dir, "config.json"), "w") as f:
         json.dump(hf_cfg, f)
     import_from_hf(hf_dir, str(tmp_path / "mg"))
     imported, run = load_model_for_inference(str(tmp_path / "mg"))
-    assert (run.model.moe_shared_expert_intermediate_size, run.model.moe_shared_expert_gate) == \
-        (48, True)
+    assert (run.model.moe_shared_expert_intermediate_size, run.model.moe_shared_expert_gate,
+            run.model.add_qkv_bias) == (48, True, True)
     tokens = random_tokens(cfg)
     assert (megatron_logits(imported, tokens) - megatron_logits(model, tokens)).abs().max() < 1e-4
     ungated = tiny_config(moe_shared_expert_intermediate_size=48)

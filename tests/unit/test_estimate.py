@@ -36,6 +36,7 @@ VARIANTS = {
     "path-shared-expert-gated": {"routing": "path", "path_block_size": 2,
                                  "moe_shared_expert_intermediate_size": 24,
                                  "moe_shared_expert_gate": True},
+    "qkv-bias": {"routing": "independent", "add_qkv_bias": True},
     "tied-embeddings-mha": {"routing": "path", "path_block_size": 2,
                             "untie_embeddings_and_output_weights": False,
                             "num_query_groups": None},
