@@ -41,7 +41,8 @@ _FSDP = "FSDP is not wired; use --use-distributed-optimizer (sharded Adam states
 _PRECISION_OPT = "Adam keeps fp32 main weights and moments; precision-aware/offloaded optimizers " \
                  "are not wired"
 _CUDA_GRAPH = "CUDA graphs are not wired"
-_LAYER = "the decoder layer is fixed (paper, Appendix B: pre-RMSNorm, SwiGLU, RoPE, no biases but --add-qkv-bias)"
+_LAYER = ("the decoder layer is fixed (paper, Appendix B: pre-RMSNorm, SwiGLU, RoPE, no biases "
+          "but --add-qkv-bias)")
 
 UNSUPPORTED: dict[str, Unsupported] = {
     "--fp16": Unsupported("fp16 with loss scaling is not implemented; use --bf16 or fp32 (the "
