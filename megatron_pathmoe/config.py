@@ -67,6 +67,7 @@ class PathMoEConfig:
     init_method_std: float = 0.02
     untie_embeddings_and_output_weights: bool = True
     add_qkv_bias: bool = False  # biases on the query/key/value projections (Qwen-style)
+    qk_layernorm: bool = False  # RMSNorm of each query and key head before RoPE (OLMoE, Qwen3)
     attention_dropout: float = 0.0
     hidden_dropout: float = 0.0
     bf16: bool = False
@@ -509,6 +510,7 @@ class PathMoEConfig:
             activation_func=torch.nn.functional.silu,
             add_bias_linear=False,
             add_qkv_bias=self.add_qkv_bias,
+            qk_layernorm=self.qk_layernorm,
             bias_activation_fusion=False,
             masked_softmax_fusion=False,
             apply_rope_fusion=False,

@@ -86,6 +86,9 @@ def check_exportable(cfg: PathMoEConfig) -> None:
                               "--moe-shared-expert-gate: Qwen2-MoE always scales its shared "
                               "expert by a sigmoid gate, so this model has no exact Hugging "
                               "Face export")
+    if cfg.qk_layernorm:
+        raise ConversionError("--qk-layernorm: Qwen2-MoE has no query/key norms, so this model "
+                              "has no exact Qwen2-MoE export")
     if cfg.moe_router_force_load_balancing:
         raise ConversionError("--moe-router-force-load-balancing: the model routed on random "
                               "logits (a benchmarking aid); its gates mean nothing to export")

@@ -2,7 +2,7 @@
 
 Counts follow the modules ``build_gpt_model`` creates (the unit tests compare them with built
 models): word embeddings and the output layer over the padded vocabulary, per layer two RMSNorm
-weights, fused QKV and output projections (GQA; a QKV bias with ``--add-qkv-bias``), the router
+weights (four with ``--qk-layernorm``), fused QKV and output projections (GQA; a QKV bias with ``--add-qkv-bias``), the router
 parameters of the routing variant (one copy per tie), E SwiGLU experts and the optional shared
 expert (and its gate), plus the final norm. Only the routers come from the routing variant
 itself: they are built on the meta device, so any variant counts right.
@@ -44,6 +44,11 @@ def attention_parameters(cfg: PathMoEConfig) -> int:
 def expert_parameters(cfg: PathMoEConfig) -> int:
     """One SwiGLU expert: fc1 (gate and up) and fc2."""
     return 3 * cfg.hidden_size * cfg.moe_ffn_hidden_size
+
+
+def qk_norm_parameters(cfg: PathMoEConfig) -> int:
+    """One layer's query and key RMSNorm weights (``--qk-layernorm``; replicated over TP)."""
+    return 2 * _kv_channels(cfg) if cfg.qk_layernorm else 0
 
 
 def shared_expert_parameters(cfg: PathMoEConfig) -> tuple[int, int]:
@@ -97,7 +102,7 @@ def count_model_parameters(cfg: PathMoEConfig,
     routers = router_parameters(cfg) if routers is None else routers
     vocab = _vocab(cfg)
     embeddings = vocab * cfg.hidden_size * (2 if cfg.untie_embeddings_and_output_weights else 1)
-    norms = (2 * cfg.num_layers + 1) * cfg.hidden_size
+    norms = (2 * cfg.num_layers + 1) * cfg.hidden_size + cfg.num_layers * qk_norm_parameters(cfg)
     router = sum(r.numel for r in routers)
     expert = cfg.num_layers * cfg.num_experts * expert_parameters(cfg)
     per_layer = attention_parameters(cfg) + sum(shared_expert_parameters(cfg))
@@ -139,7 +144,8 @@ def rank_parameters(cfg: PathMoEConfig, pp_rank: int,
     layers = sum(len(c) for c in chunks)
     vocab_rows = _vocab(cfg) // tp * cfg.hidden_size
     shared, gate = shared_expert_parameters(cfg)
-    dense = layers * ((attention_parameters(cfg) + shared) // tp + gate + 2 * cfg.hidden_size)
+    replicated = gate + 2 * cfg.hidden_size + qk_norm_parameters(cfg)
+    dense = layers * ((attention_parameters(cfg) + shared) // tp + replicated)
     dense += sum(r.numel for c in chunks for r in routers if set(r.layers) & set(c))
     if pp_rank == 0:
         dense += vocab_rows

@@ -41,7 +41,8 @@ def moe_layer_spec(config: PathMoEConfig, use_transformer_engine: bool = False) 
         )
 
         spec = get_gpt_layer_with_transformer_engine_spec(
-            num_experts=config.num_experts, moe_grouped_gemm=config.moe_grouped_gemm)
+            num_experts=config.num_experts, moe_grouped_gemm=config.moe_grouped_gemm,
+            qk_layernorm=config.qk_layernorm)
     else:
         from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 
@@ -49,8 +50,9 @@ def moe_layer_spec(config: PathMoEConfig, use_transformer_engine: bool = False) 
                                         normalization="RMSNorm")
         spec.submodules.input_layernorm = RMSNorm
         spec.submodules.pre_mlp_layernorm = RMSNorm
-        spec.submodules.self_attention.submodules.q_layernorm = IdentityOp
-        spec.submodules.self_attention.submodules.k_layernorm = IdentityOp
+        qk_norm = RMSNorm if config.qk_layernorm else IdentityOp  # per head, before RoPE
+        spec.submodules.self_attention.submodules.q_layernorm = qk_norm
+        spec.submodules.self_attention.submodules.k_layernorm = qk_norm
     spec.submodules.mlp.submodules.router = build_router_builder(config)
     experts = spec.submodules.mlp.submodules.experts
     experts.module = _with_expert_range(experts.module)

@@ -61,7 +61,7 @@ UNSUPPORTED: dict[str, Unsupported] = {
                                             "--kv-lora-rank", "--qk-head-dim",
                                             "--qk-pos-emb-head-dim", "--v-head-dim")},
     **{flag: Unsupported(_LAYER) for flag in (
-        "--qk-layernorm", "--apply-layernorm-1p", "--apply-residual-connection-post-layernorm",
+        "--apply-layernorm-1p", "--apply-residual-connection-post-layernorm",
         "--apply-query-key-layer-scaling", "--openai-gelu", "--squared-relu",
         "--rotary-interleaved", "--use-rope-scaling", "--rotary-seq-len-interpolation-factor",
         "--no-rope-freq", "--window-size")},
@@ -204,6 +204,9 @@ def add_shape_args(group: argparse._ArgumentGroup) -> None:
                        help="fraction of each head's channels RoPE rotates")
     group.add_argument("--make-vocab-size-divisible-by", type=int, default=128,
                        help="pad the embedding rows to a multiple of this x TP")
+    group.add_argument("--qk-layernorm", action="store_true",
+                       help="RMSNorm each query and key head before RoPE (OLMoE, Qwen3-MoE; "
+                            "no Qwen2-MoE export)")
     group.add_argument("--add-qkv-bias", action="store_true",
                        help="biases on the query/key/value projections only (Qwen's attention; "
                             "every other linear layer stays bias-free)")

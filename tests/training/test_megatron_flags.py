@@ -158,7 +158,8 @@ def _build(cfg: PathMoEConfig):
 @pytest.mark.parametrize("argv, flag", [(["--kv-channels", "16"], "--kv-channels 16"),
                                         (["--rotary-percent", "0.5"], "--rotary-percent 0.5"),
                                         (["--position-embedding-type", "none"],
-                                         "--position-embedding-type none")])
+                                         "--position-embedding-type none"),
+                                        (["--qk-layernorm"], "--qk-layernorm")])
 def test_hugging_face_export_refuses_shapes_qwen2_moe_lacks(argv, flag):
     from megatron_pathmoe.convert.errors import ConversionError
     from megatron_pathmoe.convert.qwen2_moe import check_exportable

@@ -1,7 +1,8 @@
 """Expert capacity under expert parallelism (the alltoall dispatcher's drop and drop-and-pad
 modes across ranks), group-limited routing with gate scaling under expert parallelism, a
-gated shared expert under tensor and expert parallelism, and activation recomputation under
-pipeline parallelism train exactly like one process. Reuses ``parallel_driver`` (see ``test_routing_parallel``):
+gated shared expert under tensor and expert parallelism, query/key norms and q/k/v biases under
+tensor parallelism, and activation recomputation under pipeline parallelism train exactly like
+one process. Reuses ``parallel_driver`` (see ``test_routing_parallel``):
 one world-1 launch, one world-2 launch, the same global batches."""
 
 from __future__ import annotations
@@ -29,6 +30,8 @@ VARIANTS = {
     # A gated shared expert (tensor-parallel like attention) next to the routed experts.
     "path-shared-expert": {**PATH, "moe_shared_expert_intermediate_size": 48,
                            "moe_shared_expert_gate": True},
+    # Query/key norms: replicated weights used on each TP rank's heads (grads summed over TP).
+    "path-qk-layernorm": {**PATH, "qk_layernorm": True, "add_qkv_bias": True},
     "path-recompute-full": {**PATH, **FULL},
     "path-recompute-moe": {**PATH, "recompute_granularity": "selective",
                            "recompute_modules": ["core_attn", "moe"]},
@@ -42,6 +45,7 @@ CASES = [("ep2/" + v, v, EP2, v) for v in VARIANTS if "capacity" in v] + [
     ("ep2/path-groups-scaled", "path-groups-scaled", EP2, "path-groups-scaled"),
     ("ep2/path-shared-expert", "path-shared-expert", EP2, "path-shared-expert"),
     ("tp2/path-shared-expert", "path-shared-expert", TP2, "path-shared-expert"),
+    ("tp2/path-qk-layernorm", "path-qk-layernorm", TP2, "path-qk-layernorm"),
     ("pp2/path-recompute-full", "path-recompute-full", PP2, "path"),
     ("pp2/path-recompute-moe", "path-recompute-moe", PP2, "path"),
     ("dp2-distopt/path-recompute-full", "path-recompute-full", {"distopt": True}, "path"),
@@ -77,3 +81,4 @@ def test_world1_recompute_and_capacity(runs):
     assert ref["path-capacity"]["losses"] != ref["path"]["losses"]
     assert ref["path-groups-scaled"]["losses"] != ref["path"]["losses"]
     assert ref["path-shared-expert"]["losses"] != ref["path"]["losses"]
+    assert ref["path-qk-layernorm"]["losses"] != ref["path"]["losses"]

@@ -37,6 +37,7 @@ VARIANTS = {
                                  "moe_shared_expert_intermediate_size": 24,
                                  "moe_shared_expert_gate": True},
     "qkv-bias": {"routing": "independent", "add_qkv_bias": True},
+    "qk-layernorm": {"routing": "path", "path_block_size": 2, "qk_layernorm": True},
     "tied-embeddings-mha": {"routing": "path", "path_block_size": 2,
                             "untie_embeddings_and_output_weights": False,
                             "num_query_groups": None},
