@@ -26,7 +26,7 @@ EXTRA_STATE_SUFFIX = "._extra_state"
 
 
 def _expected_rows(cfg: PathMoEConfig):
-    features = {"qkv_bias": cfg.add_qkv_bias,
+    features = {"qkv_bias": cfg.add_qkv_bias, "qk_layernorm": cfg.qk_layernorm,
                 "shared_expert": cfg.moe_shared_expert_intermediate_size is not None,
                 "shared_expert_gate": cfg.moe_shared_expert_gate}
     return expand_rows(QWEN2_MOE_TABLE, cfg.num_layers, cfg.num_experts,
@@ -83,10 +83,12 @@ def hf_to_megatron(hf_state: Mapping[str, torch.Tensor], cfg: PathMoEConfig,
         state[row.megatron_key(**idx)] = row.fusion.merge(parts, dims).contiguous()
     if missing:
         raise _missing(sorted(missing), f"tensors of {source}",
-                       "is it a complete Qwen2-MoE checkpoint of the shape config.json states?")
+                       "is it a complete Qwen2-/Qwen3-MoE checkpoint of the shape config.json "
+                       "states?")
     if remaining:
         raise ConversionError(f"{source} has tensors PathMoE has no place for: "
-                              f"{sorted(remaining)[:5]}; it is not a PathMoE-compatible Qwen2-MoE")
+                              f"{sorted(remaining)[:5]}; it is not a PathMoE-compatible "
+                              "Qwen2-/Qwen3-MoE")
     return state
 
 

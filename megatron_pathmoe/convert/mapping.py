@@ -164,6 +164,11 @@ QWEN2_MOE_TABLE: tuple[KeyMapping, ...] = (
     KeyMapping(_LAYER + "self_attention.linear_qkv.bias",
                tuple(_HF_LAYER + f"self_attn.{p}_proj.bias" for p in "qkv"), QKV_BIAS, tp_dim=0,
                requires="qkv_bias"),
+    # Per-head query/key RMSNorms (--qk-layernorm; Qwen3-MoE), replicated over TP.
+    KeyMapping(_LAYER + "self_attention.q_layernorm.weight",
+               (_HF_LAYER + "self_attn.q_norm.weight",), requires="qk_layernorm"),
+    KeyMapping(_LAYER + "self_attention.k_layernorm.weight",
+               (_HF_LAYER + "self_attn.k_norm.weight",), requires="qk_layernorm"),
     KeyMapping(_LAYER + "self_attention.linear_proj.weight",
                (_HF_LAYER + "self_attn.o_proj.weight",), tp_dim=1),
     KeyMapping(_LAYER + "pre_mlp_layernorm.weight",
@@ -209,7 +214,8 @@ def expand_rows(table: Sequence[KeyMapping], num_layers: int, num_experts: int,
                 tied_embeddings: bool, features: frozenset[str] = frozenset()
                 ) -> Iterator[tuple[KeyMapping, dict[str, int]]]:
     """Every (row, wildcard values) a complete model of this shape has; ``features`` names
-    the optional tensors it has (``qkv_bias``, ``shared_expert``, ``shared_expert_gate``)."""
+    the optional tensors it has (``qkv_bias``, ``qk_layernorm``, ``shared_expert``,
+    ``shared_expert_gate``)."""
     ranges = {"layer": range(num_layers), "expert": range(num_experts)}
     for row in table:
         if tied_embeddings and row.megatron == OUTPUT_LAYER_KEY:

@@ -24,6 +24,11 @@ even with unit weights); Mixtral always renormalises the top-k (it matches only
 ``pre_softmax=False``); Granite-MoE and Ernie-4.5-MoE add multipliers or renormalisation
 clamps; DeepSeek/GLM use sigmoid or grouped routing.
 
+A model with per-head query/key norms (``--qk-layernorm``) exports as Qwen3-MoE instead
+(``Qwen3MoeForCausalLM``): the same router, experts and RoPE, plus ``self_attn.q_norm`` /
+``k_norm`` (RMSNorm over the head dimension before RoPE, as megatron's q/k_layernorm), and no
+shared expert or q/k/v-only bias (its ``attention_bias`` also biases o_proj).
+
 A routing block of a PathMoE model (one router weight for B layers) is written into every
 layer's ``mlp.gate.weight``, which is exact for inference. The block structure is recorded in
 ``config.json`` under :data:`METADATA_KEY` so the way back restores the tie, after checking that
@@ -43,6 +48,10 @@ from megatron_pathmoe.convert.mapping import AttentionDims
 
 ARCHITECTURE = "Qwen2MoeForCausalLM"
 MODEL_TYPE = "qwen2_moe"
+QWEN3_ARCHITECTURE = "Qwen3MoeForCausalLM"
+QWEN3_MODEL_TYPE = "qwen3_moe"
+# Config fields only Qwen2-MoE has (a Qwen3-MoE config.json leaves them out).
+_QWEN2_ONLY = ("shared_expert_intermediate_size", "qkv_bias")
 METADATA_KEY = "pathmoe"
 METADATA_VERSION = 1
 # Routing variants whose router is the standard per-layer gate (possibly shared by a block).
@@ -57,6 +66,14 @@ def attention_dims(cfg: PathMoEConfig) -> AttentionDims:
     groups = cfg.num_query_groups or cfg.num_attention_heads
     return AttentionDims(heads_per_group=cfg.num_attention_heads // groups,
                          head_dim=cfg.hidden_size // cfg.num_attention_heads)
+
+
+def hf_architecture(cfg: PathMoEConfig) -> tuple[str, str]:
+    """(architecture, model_type) of the export: Qwen3-MoE with per-head q/k norms, else
+    Qwen2-MoE."""
+    if cfg.qk_layernorm:
+        return QWEN3_ARCHITECTURE, QWEN3_MODEL_TYPE
+    return ARCHITECTURE, MODEL_TYPE
 
 
 def tied_block_size(cfg: PathMoEConfig) -> int:
@@ -86,9 +103,15 @@ def check_exportable(cfg: PathMoEConfig) -> None:
                               "--moe-shared-expert-gate: Qwen2-MoE always scales its shared "
                               "expert by a sigmoid gate, so this model has no exact Hugging "
                               "Face export")
-    if cfg.qk_layernorm:
-        raise ConversionError("--qk-layernorm: Qwen2-MoE has no query/key norms, so this model "
-                              "has no exact Qwen2-MoE export")
+    if cfg.qk_layernorm:  # Qwen3-MoE
+        for flag, given in (("--add-qkv-bias", cfg.add_qkv_bias),
+                            ("--moe-shared-expert-intermediate-size",
+                             cfg.moe_shared_expert_intermediate_size is not None)):
+            if given:
+                raise ConversionError(
+                    f"--qk-layernorm with {flag}: query/key norms export as Qwen3-MoE, which "
+                    "has no shared expert and biases o_proj whenever it biases q/k/v; this "
+                    "model has no exact Hugging Face export")
     if cfg.moe_router_force_load_balancing:
         raise ConversionError("--moe-router-force-load-balancing: the model routed on random "
                               "logits (a benchmarking aid); its gates mean nothing to export")
@@ -130,8 +153,9 @@ def hf_config(cfg: PathMoEConfig, *, vocab_rows: int, eod_id: int, dtype: torch.
     vocabulary, so the logits (and their softmax) equal megatron's over every row. The
     end-of-document id is eos and pad, and bos unless the tokenizer has its own (Llama2)."""
     groups = cfg.num_query_groups or cfg.num_attention_heads
+    architecture, model_type = hf_architecture(cfg)
     config = {
-        "architectures": [ARCHITECTURE], "model_type": MODEL_TYPE,
+        "architectures": [architecture], "model_type": model_type,
         "vocab_size": vocab_rows, "hidden_size": cfg.hidden_size,
         "intermediate_size": cfg.moe_ffn_hidden_size,  # dense MLP size; no layer is dense
         "moe_intermediate_size": cfg.moe_ffn_hidden_size,
@@ -153,6 +177,11 @@ def hf_config(cfg: PathMoEConfig, *, vocab_rows: int, eod_id: int, dtype: torch.
         "dtype": str(dtype).removeprefix("torch."),
         METADATA_KEY: pathmoe_metadata(cfg, iteration, tokenizer),
     }
+    if model_type == QWEN3_MODEL_TYPE:
+        for name in _QWEN2_ONLY:
+            del config[name]
+        config.update(attention_bias=False,
+                      head_dim=cfg.hidden_size // cfg.num_attention_heads)
     return config
 
 
@@ -160,8 +189,8 @@ def hf_only_tensors(cfg: PathMoEConfig, dtype: torch.dtype) -> dict[str, torch.T
     """Qwen2-MoE tensors the model does not have, set so they change nothing: without a shared
     expert, a zero-size one and its gate (whose output multiplies the zero output)."""
     tensors: dict[str, torch.Tensor] = {}
-    if cfg.moe_shared_expert_intermediate_size is not None:
-        return tensors
+    if cfg.moe_shared_expert_intermediate_size is not None or cfg.qk_layernorm:
+        return tensors  # its own shared expert, or Qwen3-MoE (which has none)
     for layer in range(cfg.num_layers):
         prefix = f"model.layers.{layer}.mlp.shared_expert"
         tensors[f"{prefix}.gate_proj.weight"] = torch.zeros(0, cfg.hidden_size, dtype=dtype)
@@ -201,9 +230,12 @@ def _require(condition: bool, source: str, message: str) -> None:
 
 def check_supported(hf_cfg: Mapping[str, Any], source: str) -> None:
     """Refuse Qwen2-MoE options PathMoE cannot express, naming the config field."""
-    _require(hf_cfg.get("model_type") == MODEL_TYPE, source,
-             f"model_type is {hf_cfg.get('model_type')!r}; only {MODEL_TYPE!r} models (as "
-             "written by `pathmoe-convert to-hf`) can be imported")
+    model_type = hf_cfg.get("model_type")
+    _require(model_type in (MODEL_TYPE, QWEN3_MODEL_TYPE), source,
+             f"model_type is {model_type!r}; only {MODEL_TYPE!r} and {QWEN3_MODEL_TYPE!r} "
+             "models (as written by `pathmoe-convert to-hf`) can be imported")
+    _require(model_type != QWEN3_MODEL_TYPE or not hf_cfg.get("attention_bias", False), source,
+             "attention_bias true biases o_proj, which PathMoE attention does not have")
     _require(hf_cfg.get("hidden_act", "silu") == "silu", source, "hidden_act must be 'silu'")
     _require(not hf_cfg.get("use_sliding_window", False), source,
              "use_sliding_window must be false (PathMoE attention is global)")
@@ -226,7 +258,9 @@ def _rope_theta(hf_cfg: Mapping[str, Any], source: str) -> int:
 
 
 def _config_from_fields(hf_cfg: Mapping[str, Any], source: str) -> PathMoEConfig:
-    """A PathMoEConfig from the standard Qwen2-MoE fields (a model without PathMoE metadata)."""
+    """A PathMoEConfig from the standard Qwen2-/Qwen3-MoE fields (a model without PathMoE
+    metadata)."""
+    qwen2 = hf_cfg.get("model_type") == MODEL_TYPE
     return PathMoEConfig(
         num_layers=hf_cfg["num_hidden_layers"], hidden_size=hf_cfg["hidden_size"],
         num_attention_heads=hf_cfg["num_attention_heads"],
@@ -240,10 +274,12 @@ def _config_from_fields(hf_cfg: Mapping[str, Any], source: str) -> PathMoEConfig
         num_experts=hf_cfg["num_experts"], moe_router_topk=hf_cfg["num_experts_per_tok"],
         moe_router_pre_softmax=not hf_cfg.get("norm_topk_prob", False),
         # transformers' Qwen2-MoE default (older configs lack the field): biased q/k/v.
-        add_qkv_bias=bool(hf_cfg.get("qkv_bias", True)),
-        # Qwen2-MoE gates its shared expert whenever it has one.
-        moe_shared_expert_intermediate_size=hf_cfg.get("shared_expert_intermediate_size") or None,
-        moe_shared_expert_gate=bool(hf_cfg.get("shared_expert_intermediate_size")),
+        add_qkv_bias=qwen2 and bool(hf_cfg.get("qkv_bias", True)),
+        qk_layernorm=not qwen2,
+        # Qwen2-MoE gates its shared expert whenever it has one; Qwen3-MoE has none.
+        moe_shared_expert_intermediate_size=(hf_cfg.get("shared_expert_intermediate_size")
+                                             if qwen2 else None) or None,
+        moe_shared_expert_gate=qwen2 and bool(hf_cfg.get("shared_expert_intermediate_size")),
         routing="independent",
         bf16=hf_cfg.get("dtype", hf_cfg.get("torch_dtype")) == "bfloat16")
 
@@ -265,7 +301,8 @@ def _check_metadata_matches(cfg: PathMoEConfig, hf_cfg: Mapping[str, Any], sourc
     names = ("num_layers", "hidden_size", "num_attention_heads", "moe_ffn_hidden_size",
              "rotary_base", "norm_epsilon", "untie_embeddings_and_output_weights",
              "num_experts", "moe_router_topk", "renormalises_topk",
-             "moe_shared_expert_intermediate_size", "moe_shared_expert_gate", "add_qkv_bias")
+             "moe_shared_expert_intermediate_size", "moe_shared_expert_gate", "add_qkv_bias",
+             "qk_layernorm")
     differing = [f"{n}: {getattr(cfg, n)!r} vs {getattr(fields, n)!r}" for n in names
                  if getattr(cfg, n) != getattr(fields, n)]
     if (cfg.num_query_groups or cfg.num_attention_heads) != fields.num_query_groups:

@@ -72,8 +72,12 @@ def test_wildcards_give_global_indices_and_unknown_keys_are_named():
     row, idx = match_megatron_key("decoder.layers.12.mlp.experts.local_experts.7.linear_fc2.weight")
     assert idx == {"layer": 12, "expert": 7} and row.tp_dim == 1 and row.expert_parallel
     assert row.hf_keys(**idx) == ("model.layers.12.mlp.experts.7.down_proj.weight",)
-    with pytest.raises(ConversionError, match="no Hugging Face mapping.*shared_experts"):
-        match_megatron_key("decoder.layers.0.mlp.shared_experts.linear_fc1.weight")
+    row, idx = match_megatron_key("decoder.layers.3.mlp.shared_experts.linear_fc1.weight")
+    assert row.requires == "shared_expert" and row.tp_dim == 0 and not row.expert_parallel
+    assert row.hf_keys(**idx) == ("model.layers.3.mlp.shared_expert.gate_proj.weight",
+                                  "model.layers.3.mlp.shared_expert.up_proj.weight")
+    with pytest.raises(ConversionError, match="no Hugging Face mapping.*linear_fc1"):
+        match_megatron_key("decoder.layers.0.mlp.linear_fc1.weight")  # a dense MLP: none here
 
 
 @pytest.mark.parametrize("text, size", [("5GB", 5 * 10**9), ("500MiB", 500 * 2**20),

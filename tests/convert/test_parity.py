@@ -40,6 +40,9 @@ CASES = {
     "path-qkv-bias-shared-expert": dict(routing="path", path_block_size=2, add_qkv_bias=True,
                                         moe_shared_expert_intermediate_size=48,
                                         moe_shared_expert_gate=True),
+    # Per-head query/key norms: Qwen3-MoE (self_attn.q_norm / k_norm).
+    "path-qk-layernorm-qwen3": dict(routing="path", path_block_size=2, qk_layernorm=True,
+                                    moe_router_pre_softmax=False),
     "path-sinkhorn": dict(routing="path", path_block_size=2, moe_router_pre_softmax=False,
                           moe_router_load_balancing_type="sinkhorn"),
 }
@@ -55,7 +58,8 @@ def test_hf_logits_match_megatron(megatron_world1, tmp_path, case):
     model = build_model(cfg, seed=len(case))
     tokens = random_tokens(cfg)
     hf = load_hf(export_model(model, cfg, str(tmp_path / "hf")))
-    assert type(hf).__name__ == "Qwen2MoeForCausalLM"
+    assert type(hf).__name__ == ("Qwen3MoeForCausalLM" if cfg.qk_layernorm
+                                 else "Qwen2MoeForCausalLM")
     with torch.no_grad():
         hf_logits = hf(tokens).logits
     reference = megatron_logits(model, tokens)

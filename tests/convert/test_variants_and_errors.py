@@ -97,6 +97,32 @@ def test_qwen_style_model_round_trips_and_the_shared_expert_needs_its_gate(megat
         export_model(build_model(ungated), ungated, str(tmp_path / "ungated"))
 
 
+def test_qwen3_moe_imports_without_metadata(megatron_world1, tmp_path):
+    """--qk-layernorm exports as Qwen3-MoE; its standard fields alone import it back (q/k
+    norms, no shared expert, no biases) with the same logits; Qwen3-MoE cannot carry a
+    shared expert, so that combination is refused."""
+    cfg = tiny_config(routing="independent", qk_layernorm=True)
+    model = build_model(cfg, seed=9)
+    hf_dir = export_model(model, cfg, str(tmp_path / "hf"))
+    with open(os.path.join(hf_dir, "config.json")) as f:
+        hf_cfg = json.load(f)
+    assert (hf_cfg["model_type"], hf_cfg["attention_bias"]) == ("qwen3_moe", False)
+    assert "shared_expert_intermediate_size" not in hf_cfg
+    del hf_cfg["pathmoe"]
+    with open(os.path.join(hf_dir, "config.json"), "w") as f:
+        json.dump(hf_cfg, f)
+    import_from_hf(hf_dir, str(tmp_path / "mg"))
+    imported, run = load_model_for_inference(str(tmp_path / "mg"))
+    assert (run.model.qk_layernorm, run.model.add_qkv_bias,
+            run.model.moe_shared_expert_intermediate_size) == (True, False, None)
+    tokens = random_tokens(cfg)
+    assert (megatron_logits(imported, tokens) - megatron_logits(model, tokens)).abs().max() < 1e-4
+    shared = tiny_config(qk_layernorm=True, moe_shared_expert_intermediate_size=32,
+                         moe_shared_expert_gate=True)
+    with pytest.raises(ConversionError, match="Qwen3-MoE, which has no shared expert"):
+        export_model(build_model(shared), shared, str(tmp_path / "shared"))
+
+
 def test_edited_block_copy_is_refused(exported_tiny, tmp_path):
     from safetensors.torch import load_file, save_file
 

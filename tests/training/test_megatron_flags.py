@@ -159,7 +159,8 @@ def _build(cfg: PathMoEConfig):
                                         (["--rotary-percent", "0.5"], "--rotary-percent 0.5"),
                                         (["--position-embedding-type", "none"],
                                          "--position-embedding-type none"),
-                                        (["--qk-layernorm"], "--qk-layernorm")])
+                                        (["--qk-layernorm", "--add-qkv-bias"],
+                                         "--qk-layernorm with --add-qkv-bias")])
 def test_hugging_face_export_refuses_shapes_qwen2_moe_lacks(argv, flag):
     from megatron_pathmoe.convert.errors import ConversionError
     from megatron_pathmoe.convert.qwen2_moe import check_exportable
