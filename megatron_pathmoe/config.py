@@ -96,6 +96,7 @@ class PathMoEConfig:
     # sigmoid(x . w) per token (Qwen2-MoE's shared_expert_gate).
     moe_shared_expert_intermediate_size: int | None = None
     moe_shared_expert_gate: bool = False
+    moe_shared_expert_overlap: bool = False  # run it inside the alltoall dispatch (megatron)
     # Aux-loss-free balancing (megatron): a per-expert selection bias moved by
     # moe_router_bias_update_rate towards balance after every global batch; needs sigmoid scores.
     moe_router_enable_expert_bias: bool = False
@@ -290,6 +291,10 @@ class PathMoEConfig:
                  f"by --tensor-model-parallel-size {tp} (the shared expert is tensor-parallel)")
         _require(size is not None or not self.moe_shared_expert_gate,
                  "--moe-shared-expert-gate needs --moe-shared-expert-intermediate-size")
+        _require(not self.moe_shared_expert_overlap or (
+                     size is not None and self.moe_token_dispatcher_type == "alltoall"),
+                 "--moe-shared-expert-overlap needs --moe-shared-expert-intermediate-size and "
+                 "--moe-token-dispatcher-type alltoall (it runs inside that dispatcher)")
 
     def _validate_groups(self) -> None:
         """Gate scaling and group-limited routing: megatron-core's rules, plus the shapes its
@@ -545,6 +550,7 @@ class PathMoEConfig:
             moe_router_force_load_balancing=self.moe_router_force_load_balancing,
             moe_shared_expert_intermediate_size=self.moe_shared_expert_intermediate_size,
             moe_shared_expert_gate=self.moe_shared_expert_gate,
+            moe_shared_expert_overlap=self.moe_shared_expert_overlap,
             moe_router_load_balancing_type=self.moe_router_load_balancing_type,
             moe_aux_loss_coeff=self.moe_aux_loss_coeff,
             moe_z_loss_coeff=self.moe_z_loss_coeff,

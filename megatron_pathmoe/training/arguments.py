@@ -267,6 +267,9 @@ def _moe_and_routing_flags(parser: argparse.ArgumentParser, m: PathMoEConfig) ->
     g.add_argument("--moe-shared-expert-gate", action="store_true",
                    help="scale the shared expert's output by a learned sigmoid gate per token "
                         "(Qwen2-MoE's shared_expert_gate; needed for a Hugging Face export)")
+    g.add_argument("--moe-shared-expert-overlap", action="store_true",
+                   help="compute the shared expert while the alltoall dispatcher communicates "
+                        "(megatron-core's overlap; same numbers)")
     g.add_argument("--moe-router-force-load-balancing", action="store_true",
                    help="benchmarking aid: every router routes on random logits (a balanced "
                         "load; the model learns no routing and cannot be exported)")

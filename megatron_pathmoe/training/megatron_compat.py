@@ -67,9 +67,6 @@ UNSUPPORTED: dict[str, Unsupported] = {
         "--no-rope-freq", "--window-size")},
     "--mtp-num-layers": Unsupported("multi-token prediction is not built"),
     "--mtp-loss-scaling-factor": Unsupported("multi-token prediction is not built"),
-    "--moe-shared-expert-overlap": Unsupported(
-        "the shared expert runs after the routed experts (its overlap with the dispatcher's "
-        "communication is not wired)"),
     "--moe-use-upcycling": Unsupported("upcycling a dense checkpoint is not implemented"),
     "--moe-enable-deepep": Unsupported(
         "the DeepEP (flex) dispatcher is not wired; use --moe-token-dispatcher-type alltoall "

@@ -32,6 +32,9 @@ VARIANTS = {
                            "moe_shared_expert_gate": True},
     # Query/key norms: replicated weights used on each TP rank's heads (grads summed over TP).
     "path-qk-layernorm": {**PATH, "qk_layernorm": True, "add_qkv_bias": True},
+    "path-shared-expert-overlap": {**PATH, "moe_shared_expert_intermediate_size": 48,
+                                   "moe_shared_expert_gate": True,
+                                   "moe_shared_expert_overlap": True},
     "path-recompute-full": {**PATH, **FULL},
     "path-recompute-moe": {**PATH, "recompute_granularity": "selective",
                            "recompute_modules": ["core_attn", "moe"]},
@@ -45,6 +48,7 @@ CASES = [("ep2/" + v, v, EP2, v) for v in VARIANTS if "capacity" in v] + [
     ("ep2/path-groups-scaled", "path-groups-scaled", EP2, "path-groups-scaled"),
     ("ep2/path-shared-expert", "path-shared-expert", EP2, "path-shared-expert"),
     ("tp2/path-shared-expert", "path-shared-expert", TP2, "path-shared-expert"),
+    ("ep2/path-shared-expert-overlap", "path-shared-expert-overlap", EP2, "path-shared-expert"),
     ("tp2/path-qk-layernorm", "path-qk-layernorm", TP2, "path-qk-layernorm"),
     ("pp2/path-recompute-full", "path-recompute-full", PP2, "path"),
     ("pp2/path-recompute-moe", "path-recompute-moe", PP2, "path"),
