@@ -48,7 +48,7 @@ CHANGEABLE_FIELDS = frozenset({
     # Performance switches and token dropping change how a step runs, not the weights: a
     # requeued job may turn on recompute after an OOM, or fused kernels on another cluster.
     "recompute_granularity", "recompute_method", "recompute_num_layers", "recompute_modules",
-    "moe_grouped_gemm", "moe_permute_fusion", "moe_router_dtype",
+    "moe_grouped_gemm", "moe_permute_fusion", "moe_router_dtype", "moe_shared_expert_overlap",
     "moe_router_load_balancing_type", "moe_expert_capacity_factor",
     "moe_pad_expert_input_to_capacity", "moe_token_drop_policy",
     "max_position_embeddings",  # RoPE: no position weights
