@@ -66,8 +66,7 @@ class LRSchedule:
     decay_steps: int
     wsd_decay_steps: int | None
     wd_incr_steps: int
-    increment: int  # scheduler steps per iteration (samples: per --global-batch-size)
-    in_samples: bool = False
+    in_samples: bool = False  # the scheduler counts samples (--train-samples), else iterations
 
     def step_increment(self, global_batch_size: int) -> int:
         """Scheduler steps for one iteration of ``global_batch_size`` samples (a ramp-up
@@ -159,14 +158,14 @@ class TrainingConfig:
         if self.train_samples is None:
             decay, warmup, wsd = (_or(self.lr_decay_iters, self.train_iters),
                                   self.lr_warmup_iters, self.lr_wsd_decay_iters)
-            total, increment = self.train_iters, 1
+            total = self.train_iters
         else:
             decay, warmup, wsd = (_or(self.lr_decay_samples, self.train_samples),
                                   self.lr_warmup_samples, self.lr_wsd_decay_samples)
-            total, increment = self.train_samples, self.global_batch_size
+            total = self.train_samples
         if self.lr_warmup_fraction is not None:
             warmup = self.lr_warmup_fraction * decay
-        return LRSchedule(warmup, decay, wsd, total, increment, self.train_samples is not None)
+        return LRSchedule(warmup, decay, wsd, total, self.train_samples is not None)
 
     def weight_decay_range(self) -> tuple[float, float]:
         """(start, end) of the weight decay: ``--start-/--end-weight-decay``, else

@@ -38,7 +38,7 @@ def _lrs(argv: list[str], iterations: int | None = None) -> list[float]:
     train, _, optimizer, scheduler = _built(argv)
     lrs = [optimizer.param_groups[0]["lr"]]
     for _ in range(iterations or train.train_iters):
-        scheduler.step(increment=train.lr_schedule().increment)
+        scheduler.step(increment=train.lr_schedule().step_increment(train.global_batch_size))
         lrs.append(optimizer.param_groups[0]["lr"])
     return lrs
 
@@ -205,7 +205,8 @@ def test_a_loaded_schedule_comes_from_the_checkpoint_unless_overridden(megatron_
     precedence over the scheduler's (as in Megatron-LM)."""
     saved_train, _, _, saved = _built(["--train-iters", "8", "--lr-warmup-iters", "0"])
     for _ in range(3):
-        saved.step(increment=saved_train.lr_schedule().increment)
+        saved.step(increment=saved_train.lr_schedule().step_increment(
+            saved_train.global_batch_size))
     argv = ["--train-iters", "16", "--lr-warmup-iters", "0", "--lr", "2e-2"]
     _, _, optimizer, scheduler = _built(argv + (["--override-opt_param-scheduler"] if override
                                                 else []))
@@ -253,7 +254,7 @@ def test_decoupled_lr_gives_embedding_and_output_their_own_bounds(megatron_world
     assert decoupled and all({id(p) for p in g["params"]} <= embedding for g in decoupled)
     others = [g for g in groups if g not in decoupled]
     for k in range(1, 9):
-        scheduler.step(increment=train.lr_schedule().increment)
+        scheduler.step(increment=train.lr_schedule().step_increment(train.global_batch_size))
         for group in decoupled:
             assert group["lr"] == pytest.approx(
                 0.005 + (_expected(k, "linear", 2, 8) - MIN_LR) / (LR - MIN_LR) * 0.045)
