@@ -28,8 +28,6 @@ def initialize_distributed(layout: PathMoEConfig, device: str = "auto", *,
     from megatron_pathmoe.platform.gpu import check_megatron_core
 
     check_megatron_core()
-    from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
-
     device = resolve_device(device)
     if "RANK" not in os.environ:  # plain `python -m ...`: a world of one
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
@@ -40,9 +38,17 @@ def initialize_distributed(layout: PathMoEConfig, device: str = "auto", *,
         dist.init_process_group("nccl" if device == "cuda" else "gloo",
                                 timeout=timedelta(minutes=timeout_minutes))
     initialize_model_parallel(layout)
+    seed_rngs(seed)
+    return device
+
+
+def seed_rngs(seed: int) -> None:
+    """torch's and megatron's model-parallel RNG streams, as every run starts them (what
+    rebuilding a run's initial weights needs)."""
+    from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
+
     torch.manual_seed(seed)
     model_parallel_cuda_manual_seed(seed)
-    return device
 
 
 def initialize_model_parallel(layout: PathMoEConfig) -> None:
