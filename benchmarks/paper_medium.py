@@ -11,6 +11,8 @@ PathB4 − baseline differences paired by seed and a verdict per paper direction
 
     python benchmarks/paper_medium.py                 # run what is missing, then the report
     python benchmarks/paper_medium.py --report-only   # rebuild the report from --results-dir
+    python benchmarks/paper_medium.py --expert-drift  # + are idle experts untrained? (needs
+                                                      #   the checkpoints in --output-dir)
 
 Resumable at two levels: a run whose JSON results are in --results-dir is never run again (so a
 fresh machine resumes from the committed results), and an unfinished run resumes its training
@@ -75,6 +77,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="git-commit each finished run's results and the report")
     p.add_argument("--report-only", action="store_true",
                    help="only rebuild the report from --results-dir (no training, no corpus)")
+    p.add_argument("--expert-drift", action="store_true",
+                   help="before the report, compare every published run's experts at each "
+                        "evaluated checkpoint (in --output-dir) with their initial weights "
+                        "(megatron_pathmoe.study.expert_drift) into RESULTS_DIR/expert_drift.json")
     return p.parse_args(argv)
 
 
@@ -139,12 +145,35 @@ def git_commit(repo: str, paths: list[str], message: str, tries: int = 60) -> No
 
 def report(cfg: StudyConfig, variants: list[Variant], seeds: list[int]) -> list[str]:
     """Rebuild the report in the results directory; returns its files."""
+    from megatron_pathmoe.study.balance import PLOT
     from megatron_pathmoe.study.trajectory import write_report
 
     os.makedirs(cfg.results_dir, exist_ok=True)
     write_report(cfg, variants, seeds, COMMAND, cfg.results_dir)
     return [os.path.join(cfg.results_dir, f) for f in (
-        "results.md", "results.json", "trajectory_differences.png", "trajectory_values.png")]
+        "results.md", "results.json", "trajectory_differences.png", "trajectory_values.png",
+        PLOT)]
+
+
+def expert_drift(cfg: StudyConfig, variants: list[Variant], seeds: list[int]) -> str:
+    """expert_drift.json over every published run whose checkpoints are in --output-dir."""
+    from megatron_pathmoe.study.trajectory import DRIFT_FILE
+
+    runs = [cfg.run_dir(v, s) for s in seeds for v in variants
+            if os.path.exists(os.path.join(cfg.result_dir(v, s), "summary.json"))
+            and os.path.isdir(os.path.join(cfg.run_dir(v, s), "checkpoints"))]
+    if not runs:
+        raise FileNotFoundError(f"--expert-drift: no published run has its checkpoints under "
+                                f"{cfg.output_dir}/runs")
+    out = os.path.join(cfg.results_dir, DRIFT_FILE)
+    command = [sys.executable, "-m", "megatron_pathmoe.study.expert_drift", *runs,
+               "--iterations", *map(str, cfg.checkpoint_iterations), "--output", out]
+    print(f"expert drift of {len(runs)} run(s) -> {out}", flush=True)
+    env = dict(os.environ, OMP_NUM_THREADS="1",
+               PYTHONPATH=os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")])))
+    if subprocess.run(command, env=env).returncode:
+        raise StageError(f"expert drift failed: {' '.join(command)}")
+    return out
 
 
 def finished_hook(cfg: StudyConfig, variants: list[Variant], seeds: list[int], commit: bool):
@@ -180,6 +209,8 @@ def main(argv: list[str] | None = None) -> int:
         if not args.report_only:
             run_study(cfg, variants, args.seeds, args.jobs,
                       finished_hook(cfg, variants, args.seeds, args.commit))
+        if args.expert_drift:
+            expert_drift(cfg, variants, args.seeds)
         report(cfg, variants, args.seeds)
         with open(os.path.join(cfg.results_dir, "results.md")) as f:
             print(f.read(), end="")

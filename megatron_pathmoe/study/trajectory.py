@@ -11,6 +11,8 @@ import math
 import os
 from dataclasses import dataclass
 
+from megatron_pathmoe.study.balance import (
+    balance_section, drift_by_variant, robustness_vs_balance, write_balance_plot)
 from megatron_pathmoe.study.report import METRICS, Metric, format_cell, mean_std
 from megatron_pathmoe.study.runner import StudyConfig, iteration_folder
 from megatron_pathmoe.study.variants import Variant
@@ -22,6 +24,7 @@ TRAJECTORY_METRICS = tuple(m for m in METRICS if m.key in (
     "valid_ppl", "lambada_bpb", "path_entropy", "usage_entropy", "unique_paths", "correlation",
     "consistency", "robust_p1", "concentration", "load_cv", "max_violation", "unused_experts"))
 COMPARISONS = (("path4", "indep_aux"), ("path4", "indep"), ("path4_aux", "indep_aux"))
+DRIFT_FILE = "expert_drift.json"  # written by paper_medium.py --expert-drift
 T_THRESHOLD = 2.0  # |mean paired difference| / its standard error counted as outside the noise
 
 
@@ -33,11 +36,13 @@ class Direction:
     metric: str
     baseline: str
     also: tuple[str, ...] = ()  # metrics shown alongside, not deciding
+    # Trend on the relative gap (a / b − 1): a perplexity gap shrinks with perplexity itself.
+    relative: bool = False
 
 
 DIRECTIONS = (
     Direction("perplexity at least as good as Indep-MoE (LBL)", "valid_ppl", "indep_aux",
-              ("lambada_bpb",)),
+              ("lambada_bpb",), relative=True),
     Direction("balanced load without the aux loss (vs Indep-MoE without it)", "load_cv", "indep",
               ("max_violation", "unused_experts")),
     Direction("higher cross-layer consistency", "consistency", "indep_aux", ("correlation",)),
@@ -95,10 +100,13 @@ def _stat(by_seed: dict[int, float]) -> dict:
     return {"by_seed": by_seed, "mean": mean, "std": std, "n": len(by_seed)}
 
 
-def paired(values: dict, metric: Metric, a: str, b: str, it: int) -> dict:
-    """a − b at one checkpoint, seed by seed, with how many seeds went the paper's way."""
+def paired(values: dict, metric: Metric, a: str, b: str, it: int,
+           relative: bool = False) -> dict:
+    """a − b at one checkpoint (``relative``: 100 (a / b − 1), in %), seed by seed, with how
+    many seeds went the paper's way."""
     va, vb = values[metric.key].get(a, {}).get(it, {}), values[metric.key].get(b, {}).get(it, {})
-    stat = _stat({s: va[s] - vb[s] for s in sorted(va) if s in vb})
+    stat = _stat({s: 100 * (va[s] / vb[s] - 1) if relative else va[s] - vb[s]
+                  for s in sorted(va) if s in vb})
     stat["in_paper_direction"] = sum(1 for d in stat["by_seed"].values() if d * metric.claim > 0)
     return stat
 
@@ -135,18 +143,25 @@ def trend(first: dict, last: dict) -> str:
 
 
 def verdicts(values: dict, iterations: tuple[int, ...]) -> list[dict]:
-    """Each direction judged at the last checkpoint with >= 2 paired seeds."""
+    """Each direction judged at the last checkpoint with >= 2 paired seeds; its trend from the
+    first such checkpoint (on the relative gap where the direction says so)."""
     out = []
     for d in DIRECTIONS:
         metric = METRIC_BY_KEY[d.metric]
         stats = {it: paired(values, metric, CLAIMANT, d.baseline, it) for it in iterations}
         judged = [it for it in iterations if stats[it]["n"] >= 2]
         last = judged[-1] if judged else iterations[-1]
+        trended = ({it: paired(values, metric, CLAIMANT, d.baseline, it, relative=True)
+                    for it in iterations} if d.relative else stats)
         out.append({"direction": d.name, "metric": d.metric, "baseline": d.baseline,
                     "iteration": last, "verdict": judge(metric, stats[last]),
-                    "trend": trend(stats[judged[0]], stats[last]) if judged else "trend unknown",
+                    "trend": trend(trended[judged[0]], trended[last]) if judged
+                    else "trend unknown",
                     "difference": stats[last],
-                    "first_difference": stats[judged[0]] if judged else None})
+                    "first_iteration": judged[0] if judged else None,
+                    "first_difference": stats[judged[0]] if judged else None,
+                    "relative": {"first": trended[judged[0]], "last": trended[last]}
+                    if d.relative and judged else None})
     return out
 
 
@@ -166,7 +181,8 @@ def summarize(cfg: StudyConfig, variants: list[Variant], seeds: list[int]) -> di
     judged = {CLAIMANT, "indep_aux", "indep"} <= keys
     return {"table": table, "differences": diffs, "tokens_per_second": speed,
             "finished": finished, "machines": data["machines"],
-            "verdicts": verdicts(values, its) if judged else []}
+            "verdicts": verdicts(values, its) if judged else [],
+            "robustness_vs_balance": robustness_vs_balance(values, variants, its)}
 
 
 def _value_cell(stat: dict, fmt: str) -> str:
@@ -203,13 +219,18 @@ def _verdict_lines(result: dict, names: dict) -> list[str]:
         d = v["difference"]
         seen = (f"PathB4 − {names[v['baseline']]} = {_diff_cell(d, metric.fmt)} at step "
                 f"{v['iteration']:,}" if d["n"] else "no paired seeds yet")
+        if v.get("relative"):
+            first, last = v["relative"]["first"], v["relative"]["last"]
+            seen += (f"; relative gap {_diff_cell(first, '{:.1f}%')} at step "
+                     f"{v['first_iteration']:,} → {_diff_cell(last, '{:.1f}%')}")
         lines.append(f"- **{v['direction']}** ({metric.header}): **{v['verdict']}**, "
                      f"{v['trend']} ({seen}).")
     return lines
 
 
 def render_markdown(cfg: StudyConfig, variants: list[Variant], seeds: list[int], result: dict,
-                    command: str, corpus: dict | None, plots: list[str]) -> str:
+                    command: str, corpus: dict | None, plots: list[str],
+                    drift: dict | None = None) -> str:
     s, its = cfg.shape, cfg.checkpoint_iterations
     names = {v.key: v.paper_name for v in variants}
     done = sum(len(result["finished"][v.key]) for v in variants)
@@ -239,6 +260,7 @@ def render_markdown(cfg: StudyConfig, variants: list[Variant], seeds: list[int],
         f"noise*; the gap *grows* / *shrinks* when |mean difference| changes from the first to "
         f"the last checkpoint by more than {T_THRESHOLD:g} standard errors.", "",
         *(_verdict_lines(result, names) or ["- needs PathB4 and both Indep-MoE variants."]), "",
+        *balance_section(result, names, its, drift),
         "## Every metric at every checkpoint", "",
         "Cells: mean ± sample std over seeds (number of seeds); differences paired by seed, "
         "[seeds in the paper's direction / paired seeds]; – : not yet measured.", "",
@@ -283,15 +305,16 @@ def _corpus_line(corpus: dict | None) -> str:
 
 def write_plots(result: dict, variants: list[Variant], its: tuple[int, ...],
                 out_dir: str) -> list[str]:
-    """trajectory_differences.png (PathB4 − baselines vs steps, every seed and the mean) and
-    trajectory_values.png (each variant's mean ± std vs steps); returns the file names."""
+    """trajectory_differences.png (PathB4 − baselines vs steps, every seed and the mean),
+    trajectory_values.png (each variant's mean ± std vs steps) and the robustness-vs-balance
+    scatter; returns the file names."""
     names = {v.key: v.paper_name for v in variants}
     files = ["trajectory_differences.png", "trajectory_values.png"]
     _grid(lambda ax, m: _difference_panel(ax, result["differences"][m.key], names, its, m),
           os.path.join(out_dir, files[0]), "PathB4 − baseline, paired by seed (thin: seeds)")
     _grid(lambda ax, m: _value_panel(ax, result["table"][m.key], names, its),
           os.path.join(out_dir, files[1]), "Every variant, mean ± std over seeds")
-    return files
+    return files + [write_balance_plot(result, variants, its, out_dir)]
 
 
 def _grid(draw, path: str, title: str) -> None:
@@ -351,11 +374,14 @@ def _value_panel(ax, table: dict, names: dict, its: tuple[int, ...]) -> None:
 def write_report(cfg: StudyConfig, variants: list[Variant], seeds: list[int], command: str,
                  out_dir: str) -> str:
     """results.md, results.json and the plots in ``out_dir`` from the published runs (and
-    ``out_dir/corpus.json`` when present); returns the markdown."""
+    ``out_dir/corpus.json``, ``out_dir/expert_drift.json`` when present); returns the
+    markdown."""
     result = summarize(cfg, variants, seeds)
     corpus = _json(os.path.join(out_dir, "corpus.json"))
+    drift = _json(os.path.join(out_dir, DRIFT_FILE))
+    result["expert_drift"] = drift_by_variant(drift, variants, cfg.checkpoint_iterations)
     plots = write_plots(result, variants, cfg.checkpoint_iterations, out_dir)
-    markdown = render_markdown(cfg, variants, seeds, result, command, corpus, plots)
+    markdown = render_markdown(cfg, variants, seeds, result, command, corpus, plots, drift)
     with open(os.path.join(out_dir, "results.md"), "w") as f:
         f.write(markdown)
     with open(os.path.join(out_dir, "results.json"), "w") as f:

@@ -109,6 +109,23 @@ def test_toy_study_end_to_end(tmp_path, capsys):
     code, stdout = _in_process(tmp_path, capsys, "--report-only", "--seeds", "1", "2")
     assert code == 0 and "Runs committed: 2 of 4" in stdout and "indep_aux seed 2" in stdout
 
+    # Robustness read against load balance: one point per run and checkpoint.
+    assert "## Robustness and load balance" in markdown and "(4 points)" in markdown
+    assert "`expert_drift.json` absent" in markdown
+    # --expert-drift (checkpoints back in place) adds the idle experts' drift to the report.
+    os.rename(tmp_path / "scratch_gone", tmp_path / "scratch")
+    code, stdout = _in_process(tmp_path, capsys, "--report-only", "--expert-drift")
+    assert code == 0 and "Are idle experts untrained?" in stdout
+    drift = _json(out / "expert_drift.json")
+    assert sorted(drift["runs"]) == ["indep_aux_seed1", "path4_seed1"]
+    for run in drift["runs"].values():
+        assert sorted(run["checkpoints"]) == ["2", "4"]
+        summary = run["checkpoints"]["4"]["summary"]
+        assert summary["experts"] == 16 and summary["cosine_max"] < 1.0
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+    assert _in_process(tmp_path, capsys, "--report-only")[0] == 0
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
+
 
 def test_missing_source_names_the_apt_package(tmp_path):
     absent = DocSource("python-docs", "python3.11-doc", str(tmp_path / "nowhere"))
@@ -134,6 +151,9 @@ def test_verdict_rule_by_hand():
     wider = {**first, "mean": -10.0}
     assert trend(first, wider) == "gap grows" and trend(wider, first) == "gap shrinks"
     assert trend(first, first) == "gap about constant"
+    relative = paired(values, ppl, "path4", "indep_aux", 1, relative=True)  # 100 (a / b − 1)
+    assert relative["by_seed"] == pytest.approx({1: -2.0, 2: -100 * 2 / 101, 3: -3.0})
+    assert relative["in_paper_direction"] == 3
 
 
 def test_unfinished_training_resumes_from_its_newest_checkpoint(tmp_path):
