@@ -20,11 +20,15 @@ import argparse
 import json
 import os
 import sys
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
 from megatron_pathmoe.study.runner import iteration_folder
+
+if TYPE_CHECKING:
+    from megatron_pathmoe.checkpoint.record import RunConfig
 
 UNTRAINED_COSINE = 0.99  # above this an expert is counted as still at its initial weights
 IDLE_SHARE = 0.1  # an expert with less than this fraction of the uniform load is idle
@@ -45,30 +49,27 @@ def cosine_to_init(trained: torch.Tensor, init: torch.Tensor) -> np.ndarray:
     return torch.nn.functional.cosine_similarity(trained, init, dim=-1).numpy()
 
 
-def _canonical(model: torch.nn.Module, cfg) -> dict[str, torch.Tensor]:
-    from megatron_pathmoe.convert.shards import canonical_state
-
-    return canonical_state(model, cfg)
-
-
 def initial_state(checkpoint: str, seed: int) -> dict[str, torch.Tensor]:
     """The canonical state the run started from: its model config, seeded and built as
     ``training/trainer.py`` does (CPU initialisation). Needs a world-1 megatron state."""
     from megatron_pathmoe.checkpoint.record import read_run_config
+    from megatron_pathmoe.convert.shards import canonical_state
     from megatron_pathmoe.model import build_model_chunks
     from megatron_pathmoe.runtime.distributed import seed_rngs
 
     cfg = read_run_config(checkpoint).model
     seed_rngs(seed)
     (model,) = build_model_chunks(cfg, use_cpu_initialization=True)
-    return _canonical(model, cfg)
+    return canonical_state(model, cfg)
 
 
-def trained_state(checkpoint: str) -> tuple[dict[str, torch.Tensor], object]:
+def trained_state(checkpoint: str) -> tuple[dict[str, torch.Tensor], "RunConfig"]:
+    """The checkpoint's canonical state and its run record."""
     from megatron_pathmoe.checkpoint.load import load_model_for_inference
+    from megatron_pathmoe.convert.shards import canonical_state
 
     model, run = load_model_for_inference(checkpoint)
-    return _canonical(model, run.model), run
+    return canonical_state(model, run.model), run
 
 
 def _held_out_load(run_dir: str, iteration: int) -> np.ndarray | None:
