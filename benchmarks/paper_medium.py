@@ -157,7 +157,7 @@ def report(cfg: StudyConfig, variants: list[Variant], seeds: list[int]) -> list[
 
 def expert_drift(cfg: StudyConfig, variants: list[Variant], seeds: list[int]) -> str:
     """expert_drift.json over every published run whose checkpoints are in --output-dir."""
-    from megatron_pathmoe.study.trajectory import DRIFT_FILE
+    from megatron_pathmoe.study.balance import DRIFT_FILE
 
     runs = [cfg.run_dir(v, s) for s in seeds for v in variants
             if os.path.exists(os.path.join(cfg.result_dir(v, s), "summary.json"))

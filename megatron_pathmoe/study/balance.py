@@ -18,6 +18,7 @@ import numpy as np
 from megatron_pathmoe.study.variants import Variant
 
 PLOT = "robustness_vs_balance.png"
+DRIFT_FILE = "expert_drift.json"  # written by paper_medium.py --expert-drift
 
 
 def balance_points(values: dict, variants: list[Variant], its: tuple[int, ...]) -> list[dict]:

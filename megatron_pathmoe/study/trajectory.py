@@ -12,7 +12,7 @@ import os
 from dataclasses import dataclass
 
 from megatron_pathmoe.study.balance import (
-    balance_section, drift_by_variant, robustness_vs_balance, write_balance_plot)
+    DRIFT_FILE, balance_section, drift_by_variant, robustness_vs_balance, write_balance_plot)
 from megatron_pathmoe.study.report import METRICS, Metric, format_cell, mean_std
 from megatron_pathmoe.study.runner import StudyConfig, iteration_folder
 from megatron_pathmoe.study.variants import Variant
@@ -24,7 +24,6 @@ TRAJECTORY_METRICS = tuple(m for m in METRICS if m.key in (
     "valid_ppl", "lambada_bpb", "path_entropy", "usage_entropy", "unique_paths", "correlation",
     "consistency", "robust_p1", "concentration", "load_cv", "max_violation", "unused_experts"))
 COMPARISONS = (("path4", "indep_aux"), ("path4", "indep"), ("path4_aux", "indep_aux"))
-DRIFT_FILE = "expert_drift.json"  # written by paper_medium.py --expert-drift
 T_THRESHOLD = 2.0  # |mean paired difference| / its standard error counted as outside the noise
 
 
