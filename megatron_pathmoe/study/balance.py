@@ -15,6 +15,7 @@ import os
 
 import numpy as np
 
+from megatron_pathmoe.study.runner import split_run_name
 from megatron_pathmoe.study.variants import Variant
 
 PLOT = "robustness_vs_balance.png"
@@ -71,8 +72,10 @@ def drift_by_variant(drift: dict | None, variants: list[Variant],
         return out
     for v in variants:
         for it in its:
-            runs = [r["checkpoints"][str(it)]["summary"] for name, r in sorted(drift["runs"].items())
-                    if name.rpartition("_seed")[0] == v.key and str(it) in r["checkpoints"]]
+            runs = [r["checkpoints"][str(it)]["summary"]
+                    for name, r in sorted(drift["runs"].items())
+                    if (split_run_name(name) or ("",))[0] == v.key
+                    and str(it) in r["checkpoints"]]
             if not runs:
                 continue
 

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from megatron_pathmoe.study.runner import iteration_folder
+from megatron_pathmoe.study.runner import iteration_folder, split_run_name
 
 if TYPE_CHECKING:
     from megatron_pathmoe.checkpoint.record import RunConfig
@@ -133,11 +133,10 @@ def diagnose_run(run_dir: str, seed: int, iterations: list[int] | None = None) -
 
 
 def _seed_of(run_dir: str) -> int:
-    name = os.path.basename(os.path.normpath(run_dir))
-    _, sep, seed = name.rpartition("_seed")
-    if not sep or not seed.isdigit():
+    parsed = split_run_name(os.path.basename(os.path.normpath(run_dir)))
+    if parsed is None:
         raise ValueError(f"{run_dir}: cannot read the seed from the folder name; pass --seed")
-    return int(seed)
+    return parsed[1]
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -166,7 +165,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"expert_drift: error: {err}", file=sys.stderr)
         return 2
     with open(args.output, "w") as f:
-        json.dump({"untrained_cosine": UNTRAINED_COSINE, "idle_share": IDLE_SHARE, "runs": runs}, f, indent=1)
+        json.dump({"untrained_cosine": UNTRAINED_COSINE, "idle_share": IDLE_SHARE,
+                   "runs": runs}, f, indent=1)
         f.write("\n")
     for name, run in runs.items():
         for it, ck in run["checkpoints"].items():

@@ -90,6 +90,12 @@ def run_name(variant: Variant, seed: int) -> str:
     return f"{variant.key}_seed{seed}"
 
 
+def split_run_name(name: str) -> tuple[str, int] | None:
+    """(variant key, seed) of a ``run_name`` (a run folder's name); None for another name."""
+    key, sep, seed = name.rpartition("_seed")
+    return (key, int(seed)) if sep and key and seed.isdigit() else None
+
+
 def iteration_folder(iteration: int) -> str:
     """The checkpoint folder name of the trainer (and of a run's per-checkpoint outputs)."""
     return f"iter_{iteration:07d}"

@@ -73,3 +73,11 @@ def test_a_folder_without_checkpoints_is_refused(tmp_path):
     result = run_cli(["-m", "megatron_pathmoe.study.expert_drift", str(tmp_path / "x_seed1"),
                       "--output", str(tmp_path / "o.json")])
     assert result.returncode == 2 and "no checkpoints/ folder" in result.stderr
+
+
+def test_run_names_split_into_variant_and_seed():
+    from megatron_pathmoe.study.runner import run_name, split_run_name
+    from megatron_pathmoe.study.variants import VARIANTS
+
+    assert split_run_name(run_name(VARIANTS["path4_aux"], 3)) == ("path4_aux", 3)
+    assert split_run_name("path4_seed") is None and split_run_name("corpus") is None
