@@ -77,7 +77,7 @@ def test_a_folder_without_checkpoints_is_refused(tmp_path):
 
 def test_run_names_split_into_variant_and_seed():
     from megatron_pathmoe.study.runner import run_name, split_run_name
-    from megatron_pathmoe.study.variants import VARIANTS
+    from megatron_pathmoe.study.variants import ABLATIONS, VARIANTS
 
-    assert split_run_name(run_name(VARIANTS["path4_aux"], 3)) == ("path4_aux", 3)
+    assert split_run_name(run_name({**VARIANTS, **ABLATIONS}["path4_aux"], 3)) == ("path4_aux", 3)
     assert split_run_name("path4_seed") is None and split_run_name("corpus") is None
