@@ -35,16 +35,17 @@ class Metric:
     spread: bool = True  # False: the same for every seed (a parameter count)
 
 
-def _load(run: dict) -> dict:
+def model_analysis(run: dict) -> dict:
+    """The path analysis of a run's (only) model in its analysis/report.json."""
     return next(iter(run["analysis"]["models"].values()))
 
 
 def _window2(run: dict) -> float:
-    return 100 * _load(run)["consistency"]["by_window"]["2"]
+    return 100 * model_analysis(run)["consistency"]["by_window"]["2"]
 
 
 def _full_permutation(run: dict) -> float | None:
-    sweep = _load(run).get("robustness", {}).get("sweep", [])
+    sweep = model_analysis(run).get("robustness", {}).get("sweep", [])
     return sweep[-1]["degradation_percent"] if sweep and sweep[-1]["p"] == 1.0 else None
 
 
@@ -69,23 +70,24 @@ QUALITY = (
 )
 ROUTING = (
     Metric("path_entropy", "path entropy (bits)",
-           lambda r: _load(r)["path_entropy"]["entropy_bits"], claim=-1),
+           lambda r: model_analysis(r)["path_entropy"]["entropy_bits"], claim=-1),
     Metric("usage_entropy", "per-token usage entropy, last layer (bits)",
-           lambda r: _load(r)["usage_entropy_bits"][-1], claim=-1),
-    Metric("unique_paths", "unique paths", lambda r: _load(r)["path_entropy"]["unique_paths"],
-           "{:,.0f}", claim=-1),
+           lambda r: model_analysis(r)["usage_entropy_bits"][-1], claim=-1),
+    Metric("unique_paths", "unique paths",
+           lambda r: model_analysis(r)["path_entropy"]["unique_paths"], "{:,.0f}", claim=-1),
     Metric("correlation", "consecutive-layer corr. (%)",
-           lambda r: 100 * _load(r)["correlation"]["mean_agreement"], "{:.1f}", claim=+1),
+           lambda r: 100 * model_analysis(r)["correlation"]["mean_agreement"], "{:.1f}",
+           claim=+1),
     Metric("consistency", "consistency w=2 (%)", _window2, "{:.1f}", claim=+1),
     Metric("robust_p1", "PPL increase at p=1 (%)", _full_permutation, "{:.0f}", claim=-1),
     Metric("concentration", "category concentration",
-           lambda r: _load(r)["categories"]["concentration"], "{:.3f}", claim=+1),
-    Metric("load_cv", "load CV", lambda r: _load(r)["expert_load"]["mean_cv"], "{:.2f}",
+           lambda r: model_analysis(r)["categories"]["concentration"], "{:.3f}", claim=+1),
+    Metric("load_cv", "load CV", lambda r: model_analysis(r)["expert_load"]["mean_cv"], "{:.2f}",
            claim=-1),
-    Metric("max_violation", "MaxVio", lambda r: _load(r)["expert_load"]["mean_max_violation"],
-           "{:.2f}", claim=-1),
-    Metric("unused_experts", "unused experts", lambda r: _load(r)["expert_load"]["unused_experts"],
-           "{:.1f}", claim=-1),
+    Metric("max_violation", "MaxVio",
+           lambda r: model_analysis(r)["expert_load"]["mean_max_violation"], "{:.2f}", claim=-1),
+    Metric("unused_experts", "unused experts",
+           lambda r: model_analysis(r)["expert_load"]["unused_experts"], "{:.1f}", claim=-1),
 )
 METRICS = QUALITY + ROUTING
 
@@ -256,7 +258,7 @@ def write_plots(cfg: StudyConfig, variants: list[Variant], seeds: list[int],
     _summary_figure(variants, summary, plots["study"])
     _loss_figure(variants, all_runs, plots["train_loss"])
     main = [k for k in (BASELINE, "indep", CLAIMANT) if k in all_runs]
-    reports = {key: _load(all_runs[key][seeds[0]]) for key in main}
+    reports = {key: model_analysis(all_runs[key][seeds[0]]) for key in main}
     plots.update(analysis_plots(reports, out))
     return plots
 

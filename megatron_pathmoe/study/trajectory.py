@@ -13,16 +13,28 @@ from dataclasses import dataclass
 
 from megatron_pathmoe.study.balance import (
     DRIFT_FILE, balance_section, drift_by_variant, robustness_vs_balance, write_balance_plot)
-from megatron_pathmoe.study.report import METRICS, Metric, format_cell, mean_std
+from megatron_pathmoe.study.report import METRICS, Metric, format_cell, mean_std, model_analysis
 from megatron_pathmoe.study.runner import StudyConfig, iteration_folder
 from megatron_pathmoe.study.variants import Variant
 
 CLAIMANT = "path4"
+
+
+def _top_path_coverage(run: dict) -> float:
+    analysis = model_analysis(run)
+    return 100 * sum(p["tokens"] for p in analysis["top_paths"]) / analysis["tokens"]
+
+
+# The category concentration is computed over the most frequent paths only; how many tokens those
+# paths hold differs tenfold between routings, so it is shown next to it.
+TOP_PATH_COVERAGE = Metric("top_path_coverage", "tokens on the 20 most frequent paths (%)",
+                           _top_path_coverage, "{:.1f}")
 # Metrics read from one checkpoint's evaluation and analysis (the summary-only ones, train loss
 # and tokens/s, describe the end of training and are reported separately).
 TRAJECTORY_METRICS = tuple(m for m in METRICS if m.key in (
     "valid_ppl", "lambada_bpb", "path_entropy", "usage_entropy", "unique_paths", "correlation",
-    "consistency", "robust_p1", "concentration", "load_cv", "max_violation", "unused_experts"))
+    "consistency", "robust_p1", "concentration")) + (TOP_PATH_COVERAGE,) + tuple(
+    m for m in METRICS if m.key in ("load_cv", "max_violation", "unused_experts"))
 COMPARISONS = (("path4", "indep_aux"), ("path4", "indep"), ("path4_aux", "indep_aux"))
 T_THRESHOLD = 2.0  # |mean paired difference| / its standard error counted as outside the noise
 
@@ -188,26 +200,27 @@ def _value_cell(stat: dict, fmt: str) -> str:
     return "–" if not stat["n"] else f"{format_cell(stat, fmt)} ({stat['n']})"
 
 
-def _diff_cell(stat: dict, fmt: str) -> str:
+def _diff_cell(stat: dict, fmt: str, claim: bool = True) -> str:
     if not stat["n"]:
         return "–"
     signed = "+" + fmt if stat["mean"] >= 0 else fmt
     spread = f" ± {fmt.format(stat['std'])}" if stat["n"] > 1 else ""
-    return f"{signed.format(stat['mean'])}{spread} [{stat['in_paper_direction']}/{stat['n']}]"
+    seeds = f" [{stat['in_paper_direction']}/{stat['n']}]" if claim else ""
+    return f"{signed.format(stat['mean'])}{spread}{seeds}"
 
 
 def _metric_section(metric: Metric, result: dict, names: dict, its: tuple[int, ...]) -> list[str]:
     head = "| | " + " | ".join(f"step {it:,}" for it in its) + " |"
     rule = "|---|" + "---:|" * len(its)
-    direction = {1: "higher", -1: "lower", 0: "no claim"}[metric.claim]
-    lines = [f"### {metric.header} (paper: PathB4 {direction})", "", head, rule]
+    direction = {1: "paper: PathB4 higher", -1: "paper: PathB4 lower", 0: "no paper claim"}
+    lines = [f"### {metric.header} ({direction[metric.claim]})", "", head, rule]
     for key, per_it in result["table"][metric.key].items():
         lines.append(f"| {names[key]} | " + " | ".join(
             _value_cell(per_it[it], metric.fmt) for it in its) + " |")
     for pair, per_it in result["differences"][metric.key].items():
         a, b = pair.split("-")
         lines.append(f"| {names[a]} − {names[b]} | " + " | ".join(
-            _diff_cell(per_it[it], metric.fmt) for it in its) + " |")
+            _diff_cell(per_it[it], metric.fmt, bool(metric.claim)) for it in its) + " |")
     return lines + [""]
 
 
@@ -385,5 +398,6 @@ def write_report(cfg: StudyConfig, variants: list[Variant], seeds: list[int], co
         f.write(markdown)
     with open(os.path.join(out_dir, "results.json"), "w") as f:
         json.dump({"command": command, "seeds": seeds,
-                   "iterations": list(cfg.checkpoint_iterations), "variants": {v.key: v.paper_name for v in variants}, **result}, f, indent=1)
+                   "iterations": list(cfg.checkpoint_iterations),
+                   "variants": {v.key: v.paper_name for v in variants}, **result}, f, indent=1)
     return markdown

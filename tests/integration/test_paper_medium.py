@@ -85,14 +85,20 @@ def test_toy_study_end_to_end(tmp_path, capsys):
         for it in (2, 4):
             ppl = _json(run / f"iter_{it:07d}" / "eval.json")["validation"]["perplexity"]
             assert table["valid_ppl"][variant][str(it)]["mean"] == pytest.approx(ppl)
-            cv = _json(run / f"iter_{it:07d}" / "analysis" / "report.json")["models"][variant]
+            analysis = _json(run / f"iter_{it:07d}" / "analysis" / "report.json")["models"][variant]
             assert table["load_cv"][variant][str(it)]["mean"] == \
-                pytest.approx(cv["expert_load"]["mean_cv"])
+                pytest.approx(analysis["expert_load"]["mean_cv"])
+            on_top = sum(p["tokens"] for p in analysis["top_paths"])
+            assert table["top_path_coverage"][variant][str(it)]["mean"] == \
+                pytest.approx(100 * on_top / analysis["tokens"])
     # The two checkpoints are different models.
     assert table["valid_ppl"]["path4"]["2"]["mean"] != table["valid_ppl"]["path4"]["4"]["mean"]
     markdown = (out / "results.md").read_text()
     assert "Runs committed: 2 of 2" in markdown
     assert "| PathB4-MoE − Indep-MoE (LBL 0.01) |" in markdown
+    # A metric without a paper claim shows no "[seeds in the paper's direction]" count.
+    coverage = markdown.split("most frequent paths (%) (no paper claim)")[1].split("###")[0]
+    assert "PathB4-MoE − Indep-MoE (LBL 0.01) |" in coverage and "/1]" not in coverage
     before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
     assert before["trajectory_differences.png"][:4] == b"\x89PNG"
 
