@@ -13,6 +13,8 @@ PathB4 − baseline differences paired by seed and a verdict per paper direction
     python benchmarks/paper_medium.py --report-only   # rebuild the report from --results-dir
     python benchmarks/paper_medium.py --expert-drift  # + are idle experts untrained? (needs
                                                       #   the checkpoints in --output-dir)
+    python benchmarks/paper_medium.py --robustness-recheck  # + robustness at the last checkpoint
+                                                      #   with 8 draws on 32k tokens (idem)
 
 Resumable at two levels: a run whose JSON results are in --results-dir is never run again (so a
 fresh machine resumes from the committed results), and an unfinished run resumes its training
@@ -37,6 +39,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from megatron_pathmoe.data import DataError  # noqa: E402
+from megatron_pathmoe.study.robustness_recheck import run_recheck  # noqa: E402
 from megatron_pathmoe.study.runner import (  # noqa: E402
     ModelShape, StageError, StudyConfig, run_study)
 from megatron_pathmoe.study.variants import (  # noqa: E402
@@ -81,6 +84,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="before the report, compare every published run's experts at each "
                         "evaluated checkpoint (in --output-dir) with their initial weights "
                         "(megatron_pathmoe.study.expert_drift) into RESULTS_DIR/expert_drift.json")
+    p.add_argument("--robustness-recheck", action="store_true",
+                   help="also re-measure robustness at p=1 of every published run's last "
+                        "checkpoint in --output-dir with more draws on more tokens "
+                        "(megatron_pathmoe.study.robustness_recheck), --jobs at a time; "
+                        "skips runs already re-measured")
     return p.parse_args(argv)
 
 
@@ -211,6 +219,8 @@ def main(argv: list[str] | None = None) -> int:
                       finished_hook(cfg, variants, args.seeds, args.commit))
         if args.expert_drift:
             expert_drift(cfg, variants, args.seeds)
+        if args.robustness_recheck:
+            run_recheck(cfg, variants, args.seeds, args.jobs)
         report(cfg, variants, args.seeds)
         with open(os.path.join(cfg.results_dir, "results.md")) as f:
             print(f.read(), end="")

@@ -66,6 +66,7 @@ class StudyConfig:
     lambada_limit: int = 500
     analysis_tokens: int = 32768
     robustness_tokens: int = 8192
+    robustness_seeds: int = 2  # permutation draws per probability
     threads_per_job: int = 1
     extra_train_flags: tuple[str, ...] = ()
     checkpoint_iterations: tuple[int, ...] = ()  # () : evaluate the final model only
@@ -163,16 +164,17 @@ def eval_command(cfg: StudyConfig, variant: Variant, seed: int,
 
 
 def analysis_command(cfg: StudyConfig, variant: Variant, seed: int,
-                     iteration: int | None = None) -> list[str]:
-    """The paper's path statistics on held-out text (tools/analyze_paths.py)."""
+                     iteration: int | None = None, output_name: str = "analysis") -> list[str]:
+    """The paper's path statistics on held-out text (tools/analyze_paths.py), into the
+    run's (checkpoint's) ``output_name`` folder."""
     run = cfg.run_dir(variant, seed)
     sweep = ["--robustness-p", *map(repr, cfg.robustness_p)] if cfg.robustness_p else []
     return [sys.executable, "-m", "megatron_pathmoe.analysis.cli", "--device", "cpu",
             "--checkpoint", f"{variant.key}={_checkpoint(run, iteration)}",
             "--data", cfg.valid_data, "--tokens", str(cfg.analysis_tokens),
-            "--robustness-tokens", str(cfg.robustness_tokens), "--robustness-seeds", "2",
-            *sweep, "--workers", "1",
-            "--output-dir", os.path.join(run, _output_folder(iteration), "analysis")]
+            "--robustness-tokens", str(cfg.robustness_tokens),
+            "--robustness-seeds", str(cfg.robustness_seeds), *sweep, "--workers", "1",
+            "--output-dir", os.path.join(run, _output_folder(iteration), output_name)]
 
 
 @dataclass(frozen=True)

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from megatron_pathmoe.study.balance import (
     DRIFT_FILE, balance_section, drift_by_variant, robustness_vs_balance, write_balance_plot)
 from megatron_pathmoe.study.report import METRICS, Metric, format_cell, mean_std, model_analysis
+from megatron_pathmoe.study.robustness_recheck import DRAWS, RECHECK_FILE, TOKENS
 from megatron_pathmoe.study.runner import StudyConfig, iteration_folder
 from megatron_pathmoe.study.variants import Variant
 
@@ -35,6 +36,25 @@ TRAJECTORY_METRICS = tuple(m for m in METRICS if m.key in (
     "valid_ppl", "lambada_bpb", "path_entropy", "usage_entropy", "unique_paths", "correlation",
     "consistency", "robust_p1", "concentration")) + (TOP_PATH_COVERAGE,) + tuple(
     m for m in METRICS if m.key in ("load_cv", "max_violation", "unused_experts"))
+
+
+def _recheck(run: dict, key: str) -> float | None:
+    return (run.get("recheck") or {}).get(key)
+
+
+def _draw_spread(run: dict) -> float | None:
+    std, mean = _recheck(run, "perplexity_std"), _recheck(run, "perplexity")
+    return None if std is None else 100 * std / mean
+
+
+# The denser robustness measurement of the final checkpoints (robustness_recheck.py), when run.
+RECHECK_METRICS = (
+    Metric("robust_p1_recheck", f"PPL increase at p=1, {DRAWS} draws on {TOKENS:,} tokens (%)",
+           lambda r: _recheck(r, "degradation_percent"), "{:.0f}", claim=-1),
+    Metric("robust_p1_draw_spread", "spread of the p=1 PPL over those draws (std, % of mean)",
+           _draw_spread, "{:.0f}"),
+)
+REPORTED_METRICS = TRAJECTORY_METRICS + RECHECK_METRICS
 COMPARISONS = (("path4", "indep_aux"), ("path4", "indep"), ("path4_aux", "indep_aux"))
 T_THRESHOLD = 2.0  # |mean paired difference| / its standard error counted as outside the noise
 
@@ -60,7 +80,7 @@ DIRECTIONS = (
     Direction("lower routing entropy", "usage_entropy", "indep_aux", ("path_entropy",)),
     Direction("more robust to expert permutation (p=1)", "robust_p1", "indep_aux"),
 )
-METRIC_BY_KEY = {m.key: m for m in TRAJECTORY_METRICS}
+METRIC_BY_KEY = {m.key: m for m in REPORTED_METRICS}
 
 
 def _json(path: str) -> dict | None:
@@ -71,8 +91,9 @@ def _json(path: str) -> dict | None:
 
 
 def load_checkpoints(cfg: StudyConfig, variant: Variant, seed: int) -> dict[int, dict]:
-    """iteration -> {"summary", "eval", "analysis"} for every checkpoint whose evaluation and
-    analysis are published; {} for a run not (fully) there."""
+    """iteration -> {"summary", "eval", "analysis", "recheck"} for every checkpoint whose
+    evaluation and analysis are published (recheck: None unless re-measured); {} for a run not
+    (fully) there."""
     summary = _json(os.path.join(cfg.result_dir(variant, seed), "summary.json"))
     if summary is None:
         return {}
@@ -82,14 +103,15 @@ def load_checkpoints(cfg: StudyConfig, variant: Variant, seed: int) -> dict[int,
         ev, an = _json(os.path.join(folder, "eval.json")), \
             _json(os.path.join(folder, "analysis", "report.json"))
         if ev is not None and an is not None:
-            out[it] = {"summary": summary, "eval": ev, "analysis": an}
+            out[it] = {"summary": summary, "eval": ev, "analysis": an,
+                       "recheck": _json(os.path.join(folder, RECHECK_FILE))}
     return out
 
 
 def collect(cfg: StudyConfig, variants: list[Variant], seeds: list[int]) -> dict:
     """values[metric][variant][iteration][seed] of every published run; runs' summaries."""
     values: dict = {m.key: {v.key: {it: {} for it in cfg.checkpoint_iterations} for v in variants}
-                    for m in TRAJECTORY_METRICS}
+                    for m in REPORTED_METRICS}
     summaries: dict = {v.key: {} for v in variants}
     machines: dict = {}
     for v in variants:
@@ -99,7 +121,7 @@ def collect(cfg: StudyConfig, variants: list[Variant], seeds: list[int]) -> dict
                 machines[f"{v.key}_seed{s}"] = open(note).read().strip()
             for it, run in load_checkpoints(cfg, v, s).items():
                 summaries[v.key][s] = run["summary"]
-                for m in TRAJECTORY_METRICS:
+                for m in REPORTED_METRICS:
                     value = m.read(run)
                     if value is not None:
                         values[m.key][v.key][it][s] = float(value)
@@ -176,16 +198,29 @@ def verdicts(values: dict, iterations: tuple[int, ...]) -> list[dict]:
     return out
 
 
+def recheck_verdict(values: dict, iterations: tuple[int, ...]) -> dict | None:
+    """The robustness direction judged again on the re-measured degradation, at the last
+    checkpoint re-measured for >= 2 paired seeds; None where there is none."""
+    metric = METRIC_BY_KEY["robust_p1_recheck"]
+    baseline = next(d.baseline for d in DIRECTIONS if d.metric == "robust_p1")
+    for it in reversed(iterations):
+        stat = paired(values, metric, CLAIMANT, baseline, it)
+        if stat["n"] >= 2:
+            return {"iteration": it, "baseline": baseline, "verdict": judge(metric, stat),
+                    "difference": stat}
+    return None
+
+
 def summarize(cfg: StudyConfig, variants: list[Variant], seeds: list[int]) -> dict:
     """Everything the markdown, plots and results.json show."""
     data = collect(cfg, variants, seeds)
     keys = {v.key for v in variants}
     values, its = data["values"], cfg.checkpoint_iterations
     table = {m.key: {v.key: {it: _stat(values[m.key][v.key][it]) for it in its} for v in variants}
-             for m in TRAJECTORY_METRICS}
+             for m in REPORTED_METRICS}
     diffs = {m.key: {f"{a}-{b}": {it: paired(values, m, a, b, it) for it in its}
                      for a, b in COMPARISONS if a in keys and b in keys}
-             for m in TRAJECTORY_METRICS}
+             for m in REPORTED_METRICS}
     speed = {v.key: _stat({s: r["tokens_per_second"] for s, r in data["summaries"][v.key].items()
                            if r.get("tokens_per_second")}) for v in variants}
     finished = {v.key: sorted(data["summaries"][v.key]) for v in variants}
@@ -193,6 +228,7 @@ def summarize(cfg: StudyConfig, variants: list[Variant], seeds: list[int]) -> di
     return {"table": table, "differences": diffs, "tokens_per_second": speed,
             "finished": finished, "machines": data["machines"],
             "verdicts": verdicts(values, its) if judged else [],
+            "recheck": recheck_verdict(values, its) if judged else None,
             "robustness_vs_balance": robustness_vs_balance(values, variants, its)}
 
 
@@ -237,6 +273,37 @@ def _verdict_lines(result: dict, names: dict) -> list[str]:
                      f"{v['first_iteration']:,} → {_diff_cell(last, '{:.1f}%')}")
         lines.append(f"- **{v['direction']}** ({metric.header}): **{v['verdict']}**, "
                      f"{v['trend']} ({seen}).")
+        if v["metric"] == "robust_p1" and result.get("recheck"):
+            lines.append("  - " + _recheck_line(result["recheck"], names))
+    return lines
+
+
+def _recheck_line(recheck: dict, names: dict) -> str:
+    metric = METRIC_BY_KEY["robust_p1_recheck"]
+    return (f"re-measured with {DRAWS} permutation draws on {TOKENS:,} tokens: "
+            f"**{recheck['verdict']}** (PathB4 − {names[recheck['baseline']]} = "
+            f"{_diff_cell(recheck['difference'], metric.fmt)} at step "
+            f"{recheck['iteration']:,}).")
+
+
+def _recheck_section(cfg: StudyConfig, result: dict, names: dict,
+                     its: tuple[int, ...]) -> list[str]:
+    """The re-measured robustness, at the checkpoints that have it; [] where none has."""
+    table = result["table"]["robust_p1_recheck"]
+    measured = tuple(it for it in its if any(table[key][it]["n"] for key in table))
+    if not measured:
+        return []
+    lines = ["## Robustness re-measured", "",
+             f"The robustness above is measured with {cfg.robustness_seeds} permutation draws "
+             f"on {cfg.robustness_tokens:,} held-out tokens per checkpoint. Re-measured with "
+             f"{DRAWS} draws on {TOKENS:,} tokens (`--robustness-recheck`, "
+             f"`iter_*/{RECHECK_FILE}`); the second table is how much one model's p=1 "
+             "perplexity varies from one permutation draw to the next, to read against the "
+             "spread over seeds in the first.", ""]
+    if result.get("recheck"):
+        lines += [_recheck_line(result["recheck"], names), ""]
+    for metric in RECHECK_METRICS:
+        lines += _metric_section(metric, result, names, measured)
     return lines
 
 
@@ -273,6 +340,7 @@ def render_markdown(cfg: StudyConfig, variants: list[Variant], seeds: list[int],
         f"the last checkpoint by more than {T_THRESHOLD:g} standard errors.", "",
         *(_verdict_lines(result, names) or ["- needs PathB4 and both Indep-MoE variants."]), "",
         *balance_section(result, names, its, drift),
+        *_recheck_section(cfg, result, names, its),
         "## Every metric at every checkpoint", "",
         "Cells: mean ± sample std over seeds (number of seeds); differences paired by seed, "
         "[seeds in the paper's direction / paired seeds]; – : not yet measured.", "",

@@ -1,7 +1,7 @@
 """The medium study (benchmarks/paper_medium.py) end to end at toy size: a toy corpus built by
 the corpus builder (same bytes twice), runs evaluated at two checkpoints, the report's table
-equal to the runs' files, a rerun that trains nothing, and a byte-identical --report-only; plus
-the verdict rule by hand."""
+equal to the runs' files, a rerun that trains nothing, a byte-identical --report-only, the
+expert drift and the re-measured robustness; plus the verdict rule by hand."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ import pytest
 from megatron_pathmoe.data import DataError
 from megatron_pathmoe.study.corpus import DocSource, build_corpus, corpus_paths, is_held_out
 from megatron_pathmoe.study.report import METRICS
+from megatron_pathmoe.study.robustness_recheck import DRAWS, RECHECK_FILE
 from megatron_pathmoe.study.runner import TRACKER_FILE, StudyConfig, train_command
 from megatron_pathmoe.study.trajectory import judge, paired, trend
 from megatron_pathmoe.study.variants import VARIANTS
@@ -118,6 +119,10 @@ def test_toy_study_end_to_end(tmp_path, capsys):
     # Robustness read against load balance: one point per run and checkpoint.
     assert "## Robustness and load balance" in markdown and "(4 points)" in markdown
     assert "`expert_drift.json` absent" in markdown
+    # Without the checkpoints there is nothing to re-measure robustness on: said, not an error.
+    code, stdout = _in_process(tmp_path, capsys, "--report-only", "--robustness-recheck")
+    assert code == 0 and "no checkpoint at step 4" in stdout and "path4 seed 1" in stdout
+    assert "## Robustness re-measured" not in stdout
     # --expert-drift (checkpoints back in place) adds the idle experts' drift to the report.
     os.rename(tmp_path / "scratch_gone", tmp_path / "scratch")
     code, stdout = _in_process(tmp_path, capsys, "--report-only", "--expert-drift")
@@ -130,6 +135,28 @@ def test_toy_study_end_to_end(tmp_path, capsys):
         assert summary["experts"] == 16 and summary["cosine_max"] < 1.0
     before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
     assert _in_process(tmp_path, capsys, "--report-only")[0] == 0
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
+
+    # --robustness-recheck: p=1 at the last checkpoint with more draws on more tokens, published
+    # beside the run's analysis and shown in the report; a second call re-measures nothing.
+    code, stdout = _in_process(tmp_path, capsys, "--report-only", "--robustness-recheck",
+                               "--jobs", "1")
+    assert code == 0 and "## Robustness re-measured" in stdout
+    table = _json(out / "results.json")["table"]
+    for variant in ("indep_aux", "path4"):
+        folder = out / "runs" / f"{variant}_seed1" / "iter_0000004"
+        record = _json(folder / RECHECK_FILE)
+        original = _json(folder / "analysis" / "report.json")["models"][variant]["robustness"]
+        assert record["draws"] == DRAWS and record["iteration"] == 4
+        assert record["tokens"] > original["tokens"] == 128
+        assert record["degradation_percent"] == pytest.approx(
+            100 * (record["perplexity"] / record["base_perplexity"] - 1))
+        assert table["robust_p1_recheck"][variant]["4"]["mean"] == \
+            pytest.approx(record["degradation_percent"])
+        assert table["robust_p1_recheck"][variant]["2"]["n"] == 0  # the last checkpoint only
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+    code, stdout = _in_process(tmp_path, capsys, "--report-only", "--robustness-recheck")
+    assert code == 0 and "robustness recheck " not in stdout
     assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
 
 
