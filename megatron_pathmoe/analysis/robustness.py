@@ -63,7 +63,8 @@ class ExpertPermutation(RouterHooks):
 def robustness_sweep(evaluate: Callable[[], float], model_chunks: list[torch.nn.Module],
                      probabilities: list[float], seeds: int,
                      on_step: Callable[[], None] | None = None) -> dict:
-    """Perplexity at each permutation probability (mean over ``seeds`` seeds; one run at
+    """Perplexity at each permutation probability (mean over ``seeds`` seeds, each seed's in
+    ``draw_perplexities``: a few permutations can cost far more than the rest; one run at
     p = 0, which has nothing random) and its degradation in percent relative to p = 0.
     ``evaluate()`` returns the mean loss in nats of the model as currently hooked."""
     rows = []
@@ -76,7 +77,8 @@ def robustness_sweep(evaluate: Callable[[], float], model_chunks: list[torch.nn.
                 on_step()
         perplexities = [math.exp(x) for x in losses]
         rows.append({"p": p, "perplexity": float(np.mean(perplexities)),
-                     "perplexity_std": float(np.std(perplexities)), "seeds": len(losses)})
+                     "perplexity_std": float(np.std(perplexities)), "seeds": len(losses),
+                     "draw_perplexities": perplexities})
     base = rows[0]["perplexity"]
     for row in rows:
         row["degradation_percent"] = 100.0 * (row["perplexity"] / base - 1.0)

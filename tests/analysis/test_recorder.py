@@ -102,8 +102,11 @@ def test_permutation_at_p0_equals_unpermuted_perplexity(megatron_world1):
                              [0.0, 1.0], seeds=2)
     assert sweep["base_perplexity"] == math.exp(plain)
     assert sweep["sweep"][0] == {"p": 0.0, "perplexity": math.exp(plain), "perplexity_std": 0.0,
-                                 "seeds": 1, "degradation_percent": 0.0}
+                                 "seeds": 1, "draw_perplexities": [math.exp(plain)],
+                                 "degradation_percent": 0.0}
     assert sweep["sweep"][1]["seeds"] == 2
+    draws = sweep["sweep"][1]["draw_perplexities"]
+    assert len(draws) == 2 and sweep["sweep"][1]["perplexity"] == pytest.approx(sum(draws) / 2)
     assert sweep["sweep"][1]["perplexity"] != math.exp(plain)  # p=1 changes the model
 
 

@@ -149,9 +149,12 @@ def test_toy_study_end_to_end(tmp_path, capsys):
         original = _json(folder / "analysis" / "report.json")["models"][variant]["robustness"]
         assert record["draws"] == DRAWS and record["iteration"] == 4
         assert record["tokens"] > original["tokens"] == 128
-        assert record["degradation_percent"] == pytest.approx(
-            100 * (record["perplexity"] / record["base_perplexity"] - 1))
+        draws, base = record["draw_perplexities"], record["base_perplexity"]
+        assert len(draws) == DRAWS and record["perplexity"] == pytest.approx(sum(draws) / DRAWS)
+        assert record["degradation_percent"] == pytest.approx(100 * (sum(draws) / DRAWS / base - 1))
         assert table["robust_p1_recheck"][variant]["4"]["mean"] == \
+            pytest.approx(100 * (statistics.median(draws) / base - 1))
+        assert table["robust_p1_recheck_mean"][variant]["4"]["mean"] == \
             pytest.approx(record["degradation_percent"])
         assert table["robust_p1_recheck"][variant]["2"]["n"] == 0  # the last checkpoint only
     before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
