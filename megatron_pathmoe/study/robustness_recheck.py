@@ -27,7 +27,7 @@ from megatron_pathmoe.study.variants import Variant
 RECHECK_FILE = "robustness_recheck.json"
 DRAWS = 8
 TOKENS = 32768
-_SCRATCH = "robustness_recheck"  # the analysis output folder, in the run's checkpoint folder
+_SCRATCH = "robustness_recheck"  # the analysis CLI's output, beside the run's iter_* analysis
 
 
 def recheck_config(cfg: StudyConfig) -> StudyConfig:
