@@ -21,7 +21,7 @@ import statistics
 from concurrent.futures import ThreadPoolExecutor
 
 from megatron_pathmoe.study.runner import (
-    StudyConfig, analysis_command, iteration_folder, run_logged)
+    StudyConfig, analysis_command, checkpoint_path, is_published, iteration_folder, run_logged)
 from megatron_pathmoe.study.variants import Variant
 
 RECHECK_FILE = "robustness_recheck.json"
@@ -41,10 +41,6 @@ def recheck_path(cfg: StudyConfig, variant: Variant, seed: int, iteration: int) 
     return os.path.join(cfg.result_dir(variant, seed), iteration_folder(iteration), RECHECK_FILE)
 
 
-def _checkpoint_dir(cfg: StudyConfig, variant: Variant, seed: int, iteration: int) -> str:
-    return os.path.join(cfg.run_dir(variant, seed), "checkpoints", iteration_folder(iteration))
-
-
 def pending_runs(cfg: StudyConfig, variants: list[Variant], seeds: list[int],
                  iteration: int) -> tuple[list[tuple[Variant, int]], list[str]]:
     """Published runs without a recheck whose checkpoint is there, and the names of those
@@ -52,10 +48,10 @@ def pending_runs(cfg: StudyConfig, variants: list[Variant], seeds: list[int],
     todo, missing = [], []
     for seed in seeds:
         for v in variants:
-            published = os.path.exists(os.path.join(cfg.result_dir(v, seed), "summary.json"))
-            if not published or os.path.exists(recheck_path(cfg, v, seed, iteration)):
+            if not is_published(cfg, v, seed) or os.path.exists(
+                    recheck_path(cfg, v, seed, iteration)):
                 continue
-            if os.path.isdir(_checkpoint_dir(cfg, v, seed, iteration)):
+            if os.path.isdir(checkpoint_path(cfg.run_dir(v, seed), iteration)):
                 todo.append((v, seed))
             else:
                 missing.append(f"{v.key} seed {seed}")

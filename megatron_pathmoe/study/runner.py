@@ -141,7 +141,7 @@ def train_command(cfg: StudyConfig, variant: Variant, seed: int) -> list[str]:
             "--summary-json", os.path.join(run, "summary.json"), *cfg.extra_train_flags]
 
 
-def _checkpoint(run: str, iteration: int | None) -> str:
+def checkpoint_path(run: str, iteration: int | None) -> str:
     """The evaluated model: the final one (the --save root) or one iter_XXXXXXX folder."""
     root = os.path.join(run, "checkpoints")
     return root if iteration is None else os.path.join(root, iteration_folder(iteration))
@@ -157,7 +157,7 @@ def eval_command(cfg: StudyConfig, variant: Variant, seed: int,
     run = cfg.run_dir(variant, seed)
     cap = [] if cfg.valid_max_tokens is None else ["--valid-max-tokens", str(cfg.valid_max_tokens)]
     return [sys.executable, "-m", "megatron_pathmoe.eval.cli", "--device", "cpu",
-            "--load", _checkpoint(run, iteration), "--tasks", "lambada",
+            "--load", checkpoint_path(run, iteration), "--tasks", "lambada",
             "--limit", str(cfg.lambada_limit), "--valid-data-path", cfg.valid_data, *cap,
             "--label", f"{variant.key} seed {seed}", "--no-progress",
             "--output-json", os.path.join(run, _output_folder(iteration), "eval.json")]
@@ -170,7 +170,7 @@ def analysis_command(cfg: StudyConfig, variant: Variant, seed: int,
     run = cfg.run_dir(variant, seed)
     sweep = ["--robustness-p", *map(repr, cfg.robustness_p)] if cfg.robustness_p else []
     return [sys.executable, "-m", "megatron_pathmoe.analysis.cli", "--device", "cpu",
-            "--checkpoint", f"{variant.key}={_checkpoint(run, iteration)}",
+            "--checkpoint", f"{variant.key}={checkpoint_path(run, iteration)}",
             "--data", cfg.valid_data, "--tokens", str(cfg.analysis_tokens),
             "--robustness-tokens", str(cfg.robustness_tokens),
             "--robustness-seeds", str(cfg.robustness_seeds), *sweep, "--workers", "1",
